@@ -1,0 +1,26 @@
+"""The library's exception family. Every error tallfmt raises on purpose is a TallError."""
+
+from __future__ import annotations
+
+
+class TallError(Exception):
+    """Base class of every error tallfmt raises on purpose."""
+
+
+class FormatError(TallError, ValueError):
+    """A .tall archive (or a spec/index file) is malformed, damaged or exceeds a documented limit.
+
+    The message names the file and the field that is wrong.
+    """
+
+
+class ChecksumError(FormatError):
+    """A segment's or the header's stored bytes do not match their recorded checksum."""
+
+
+class LimitError(FormatError):
+    """An archive asks for more than a documented limit (header size, tensor count, expansion ratio)."""
+
+
+class InputError(TallError, ValueError):
+    """Bad input to encode/merge/decode: missing files, mismatched checkpoints, NaN/Inf, bad parameters."""
