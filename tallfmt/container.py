@@ -1,0 +1,692 @@
+"""The .tall container: bytes on disk. See FORMAT.md for the normative description.
+
+Layout::
+
+    [0, 64)            preamble: magic, version, header offset/length, checksums, zero padding
+    [64, H)            data section: segments, each at an offset aligned to 64, zero bytes between
+    [H, H + L)         UTF-8 JSON header (H aligned to 64); the file ends exactly at H + L
+
+The header comes last so that a writer can stream segments to disk as it produces them; the preamble is
+written last of all (a seek back to byte 0) and the finished file is renamed into place.
+
+This module knows segments, tensors and their roles, never the math: ``ContainerWriter`` writes
+encoded segments and a header, ``ContainerReader`` validates a header and hands out verified,
+decoded segment bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import mmap
+import os
+import struct
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import xxhash
+
+from tallfmt import dtypes
+from tallfmt.compression import CODECS, MAX_EXPANSION, Buffer, get_codec
+from tallfmt.errors import ChecksumError, FormatError, InputError, LimitError
+
+MAGIC = b"\x89TALL\r\n\x1a"
+FORMAT_NAME = "tallfmt"
+MAJOR, MINOR = 1, 0
+PREAMBLE_SIZE = 64
+ALIGN = 64
+_PREAMBLE = struct.Struct("<8sHHIQQQQ")  # magic, major, minor, flags, hdr offset, hdr length, hdr xxh3, preamble xxh3
+
+# Documented limits (FORMAT.md "Limits"). A file past any of them is refused before allocating for it.
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+MAX_JSON_DEPTH = 16
+MAX_TASKS = 4096
+MAX_TENSORS = 1_000_000
+MAX_NDIM = 32
+MAX_NAME_BYTES = 4096
+MAX_TENSOR_BYTES = 1 << 48
+
+ROLES = ("masked", "shared", "per_task", "alias")
+MERGES = ("task_arithmetic", "ties")
+MASK_METHODS = ("tall", "magnitude")
+
+
+def align(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+def checksum(data: Buffer) -> str:
+    """xxh3-64 of the bytes, 16 lowercase hex digits."""
+    return xxhash.xxh3_64_hexdigest(data)
+
+
+# ----------------------------------------------------------------------------------------------
+# Header model
+
+
+@dataclass(frozen=True)
+class Segment:
+    offset: int
+    length: int
+    decoded_length: int
+    codec: str
+    xxh3: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"offset": self.offset, "length": self.length, "decoded_length": self.decoded_length,
+                "codec": self.codec, "xxh3": self.xxh3}
+
+
+@dataclass(frozen=True)
+class Item:
+    """One stored tensor value: its dtype, shape and segment (a `shared` tensor, or one copy of a `per_task`)."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    data: Segment
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"dtype": self.dtype, "shape": list(self.shape), "data": self.data.to_json()}
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One row of the tensor table. Which fields are set depends on ``role`` (FORMAT.md, "Tensor table")."""
+
+    name: str
+    role: str
+    dtype: str | None = None                 # masked, shared
+    shape: tuple[int, ...] | None = None     # masked, shared
+    base: Segment | None = None              # masked: θ0 in `dtype`
+    tau: Segment | None = None               # masked: τ_MTL in F32
+    masks: tuple[Segment, ...] = ()          # masked: one packed mask per task, in task order
+    data: Segment | None = None              # shared
+    base_item: Item | None = None            # per_task: θ0's copy, if θ0 has the tensor
+    task_items: tuple[Item | None, ...] = () # per_task: one per task (None: that task lacks it)
+    target: str | None = None                # alias
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape) if self.shape is not None else 0
+
+    def segments(self) -> Iterator[Segment]:
+        for s in (self.base, self.tau, *self.masks, self.data):
+            if s is not None:
+                yield s
+        for it in (self.base_item, *self.task_items):
+            if it is not None:
+                yield it.data
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name, "role": self.role}
+        if self.role in ("masked", "shared"):
+            out["dtype"] = self.dtype
+            out["shape"] = list(self.shape or ())
+        if self.role == "masked":
+            out["base"] = self.base.to_json()
+            out["tau"] = self.tau.to_json()
+            out["masks"] = [m.to_json() for m in self.masks]
+        elif self.role == "shared":
+            out["data"] = self.data.to_json()
+        elif self.role == "per_task":
+            out["base"] = self.base_item.to_json() if self.base_item else None
+            out["tasks"] = [it.to_json() if it else None for it in self.task_items]
+        else:
+            out["target"] = self.target
+        return out
+
+
+@dataclass(frozen=True)
+class TaskEntry:
+    name: str
+    lam: float | None = None                         # TALL λ_t (None for magnitude masks)
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "lambda": self.lam, "stats": dict(self.stats)}
+
+
+@dataclass(frozen=True)
+class Header:
+    tasks: tuple[TaskEntry, ...]
+    encoding: dict[str, Any]
+    tensors: tuple[TensorEntry, ...]
+    metadata: dict[str, str] = field(default_factory=dict)
+    version: tuple[int, int] = (MAJOR, MINOR)
+
+    @property
+    def task_names(self) -> list[str]:
+        return [t.name for t in self.tasks]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": FORMAT_NAME, "version": list(self.version),
+                "tasks": [t.to_json() for t in self.tasks], "encoding": self.encoding,
+                "tensors": [t.to_json() for t in self.tensors], "metadata": dict(self.metadata)}
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(self.to_json(), ensure_ascii=False, separators=(",", ":"),
+                          allow_nan=False).encode("utf-8")
+
+
+# ----------------------------------------------------------------------------------------------
+# Header parsing and validation
+
+
+class _Checker:
+    """Validates the parsed JSON against FORMAT.md; every error names the file and the JSON path."""
+
+    def __init__(self, path: str, strict: bool) -> None:
+        self.path = path
+        self.strict = strict  # unknown keys are errors unless the file's minor version is newer
+
+    def fail(self, where: str, msg: str) -> FormatError:
+        return FormatError(f"{self.path}: header {where}: {msg}")
+
+    def obj(self, v: Any, where: str, required: set[str], optional: frozenset[str] = frozenset()) -> dict:
+        if not isinstance(v, dict):
+            raise self.fail(where, f"expected an object, got {type(v).__name__}")
+        missing = required - v.keys()
+        if missing:
+            raise self.fail(where, f"missing key(s) {sorted(missing)}")
+        extra = v.keys() - required - optional
+        if extra and self.strict:
+            raise self.fail(where, f"unknown key(s) {sorted(extra)}")
+        return v
+
+    def int_(self, v: Any, where: str, lo: int = 0, hi: int = 1 << 63) -> int:
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise self.fail(where, f"expected an integer, got {type(v).__name__}")
+        if not lo <= v <= hi:
+            raise self.fail(where, f"{v} is outside [{lo}, {hi}]")
+        return v
+
+    def num(self, v: Any, where: str, allow_none: bool = False) -> float | None:
+        if v is None and allow_none:
+            return None
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise self.fail(where, f"expected a finite number, got {v!r}")
+        return float(v)
+
+    def str_(self, v: Any, where: str, choices: tuple[str, ...] | None = None) -> str:
+        if not isinstance(v, str):
+            raise self.fail(where, f"expected a string, got {type(v).__name__}")
+        if choices is not None and v not in choices:
+            raise self.fail(where, f"{v!r} is not one of {list(choices)}")
+        return v
+
+    def list_(self, v: Any, where: str, max_len: int) -> list:
+        if not isinstance(v, list):
+            raise self.fail(where, f"expected an array, got {type(v).__name__}")
+        if len(v) > max_len:
+            raise LimitError(f"{self.path}: header {where}: {len(v)} entries, the limit is {max_len}")
+        return v
+
+    def name(self, v: Any, where: str) -> str:
+        s = self.str_(v, where)
+        if not s or len(s.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
+            raise self.fail(where, f"names must be 1..{MAX_NAME_BYTES} bytes")
+        return s
+
+    def dtype(self, v: Any, where: str, allowed: frozenset[str] | None = None) -> str:
+        s = self.str_(v, where)
+        if s not in dtypes.DTYPES or (allowed is not None and s not in allowed):
+            raise self.fail(where, f"unknown or unsupported dtype {s!r}")
+        return s
+
+    def shape(self, v: Any, where: str, itemsize: int) -> tuple[int, ...]:
+        dims = self.list_(v, where, MAX_NDIM)
+        shape = tuple(self.int_(d, f"{where}[{i}]", 0, MAX_TENSOR_BYTES) for i, d in enumerate(dims))
+        n = 1
+        for d in shape:  # overflow-safe: stop as soon as the product passes the cap
+            n *= d
+            if n * itemsize > MAX_TENSOR_BYTES:
+                raise LimitError(f"{self.path}: header {where}: {list(shape)} × {itemsize} bytes is over "
+                                 f"the {MAX_TENSOR_BYTES}-byte tensor limit")
+        return shape
+
+    def segment(self, v: Any, where: str, decoded_length: int) -> Segment:
+        o = self.obj(v, where, {"offset", "length", "decoded_length", "codec", "xxh3"})
+        seg = Segment(self.int_(o["offset"], f"{where}.offset"), self.int_(o["length"], f"{where}.length"),
+                      self.int_(o["decoded_length"], f"{where}.decoded_length"),
+                      self.str_(o["codec"], f"{where}.codec", tuple(CODECS)), self.str_(o["xxh3"], f"{where}.xxh3"))
+        if len(seg.xxh3) != 16 or any(c not in "0123456789abcdef" for c in seg.xxh3):
+            raise self.fail(f"{where}.xxh3", "expected 16 lowercase hex digits")
+        if seg.decoded_length != decoded_length:
+            raise self.fail(f"{where}.decoded_length",
+                            f"{seg.decoded_length} does not match shape × dtype = {decoded_length}")
+        if seg.codec == "raw" and seg.length != seg.decoded_length:
+            raise self.fail(f"{where}.length", f"raw segment: stored {seg.length} != decoded {seg.decoded_length}")
+        if seg.decoded_length > MAX_EXPANSION * seg.length + 4096:
+            raise LimitError(f"{self.path}: header {where}: {seg.decoded_length} decoded bytes from "
+                             f"{seg.length} stored is past the {MAX_EXPANSION}× expansion limit")
+        return seg
+
+    def item(self, v: Any, where: str) -> Item:
+        o = self.obj(v, where, {"dtype", "shape", "data"})
+        dt = self.dtype(o["dtype"], f"{where}.dtype")
+        isz = dtypes.by_name(dt).itemsize
+        shape = self.shape(o["shape"], f"{where}.shape", isz)
+        return Item(dt, shape, self.segment(o["data"], f"{where}.data", math.prod(shape) * isz))
+
+    def tensor(self, v: Any, where: str, n_tasks: int) -> TensorEntry:
+        o = self.obj(v, where, {"name", "role"}, frozenset({"dtype", "shape", "base", "tau", "masks", "data",
+                                                            "tasks", "target"}))
+        name = self.name(o["name"], f"{where}.name")
+        role = self.str_(o["role"], f"{where}.role", ROLES)
+        where = f"{where} ({name!r})"
+        if role == "masked":
+            o = self.obj(o, where, {"name", "role", "dtype", "shape", "base", "tau", "masks"})
+            dt = self.dtype(o["dtype"], f"{where}.dtype", dtypes.MASKABLE)
+            isz = dtypes.by_name(dt).itemsize
+            shape = self.shape(o["shape"], f"{where}.shape", isz)
+            n = math.prod(shape)
+            masks = self.list_(o["masks"], f"{where}.masks", MAX_TASKS)
+            if len(masks) != n_tasks:
+                raise self.fail(f"{where}.masks", f"{len(masks)} masks for {n_tasks} tasks")
+            return TensorEntry(name, role, dt, shape,
+                               base=self.segment(o["base"], f"{where}.base", n * isz),
+                               tau=self.segment(o["tau"], f"{where}.tau", n * 4),
+                               masks=tuple(self.segment(m, f"{where}.masks[{i}]", (n + 7) // 8)
+                                           for i, m in enumerate(masks)))
+        if role == "shared":
+            o = self.obj(o, where, {"name", "role", "dtype", "shape", "data"})
+            dt = self.dtype(o["dtype"], f"{where}.dtype")
+            isz = dtypes.by_name(dt).itemsize
+            shape = self.shape(o["shape"], f"{where}.shape", isz)
+            return TensorEntry(name, role, dt, shape, data=self.segment(o["data"], f"{where}.data",
+                                                                        math.prod(shape) * isz))
+        if role == "per_task":
+            o = self.obj(o, where, {"name", "role", "base", "tasks"})
+            items = self.list_(o["tasks"], f"{where}.tasks", MAX_TASKS)
+            if len(items) != n_tasks:
+                raise self.fail(f"{where}.tasks", f"{len(items)} entries for {n_tasks} tasks")
+            base = None if o["base"] is None else self.item(o["base"], f"{where}.base")
+            task_items = tuple(None if it is None else self.item(it, f"{where}.tasks[{i}]")
+                               for i, it in enumerate(items))
+            if base is None and all(it is None for it in task_items):
+                raise self.fail(where, "a per_task tensor must be stored for θ0 or at least one task")
+            return TensorEntry(name, role, base_item=base, task_items=task_items)
+        o = self.obj(o, where, {"name", "role", "target"})
+        return TensorEntry(name, role, target=self.name(o["target"], f"{where}.target"))
+
+    def encoding(self, v: Any) -> dict[str, Any]:
+        o = self.obj(v, "encoding", {"merge", "mask", "compute_dtype", "bit_order"})
+        self.str_(o["compute_dtype"], "encoding.compute_dtype", ("F32",))
+        self.str_(o["bit_order"], "encoding.bit_order", ("little",))
+        m = self.obj(o["merge"], "encoding.merge", {"method"}, frozenset({"density", "agg", "scope"}))
+        method = self.str_(m["method"], "encoding.merge.method", MERGES)
+        if method == "ties":
+            self.obj(m, "encoding.merge", {"method", "density", "agg", "scope"})
+            d = self.num(m["density"], "encoding.merge.density")
+            if not 0 <= d <= 1:
+                raise self.fail("encoding.merge.density", f"{d} is outside [0, 1]")
+            self.str_(m["agg"], "encoding.merge.agg", ("sum", "mean"))
+            self.str_(m["scope"], "encoding.merge.scope", ("global", "per_tensor"))
+        elif len(m) != 1:
+            raise self.fail("encoding.merge", "task_arithmetic takes no parameters")
+        k = self.obj(o["mask"], "encoding.mask", {"method"}, frozenset({"density", "scope"}))
+        if self.str_(k["method"], "encoding.mask.method", MASK_METHODS) == "magnitude":
+            self.obj(k, "encoding.mask", {"method", "density", "scope"})
+            d = self.num(k["density"], "encoding.mask.density")
+            if not 0 <= d <= 1:
+                raise self.fail("encoding.mask.density", f"{d} is outside [0, 1]")
+            self.str_(k["scope"], "encoding.mask.scope", ("global", "per_tensor"))
+        elif len(k) != 1:
+            raise self.fail("encoding.mask", "tall takes no parameters (λ is per task)")
+        return o
+
+    def task(self, v: Any, where: str) -> TaskEntry:
+        o = self.obj(v, where, {"name", "lambda", "stats"})
+        lam = self.num(o["lambda"], f"{where}.lambda", allow_none=True)
+        stats = self.obj(o["stats"], f"{where}.stats", set(), frozenset(o["stats"]) if isinstance(o["stats"], dict) else frozenset())
+        for k, s in stats.items():
+            if s is not None and (isinstance(s, bool) or not isinstance(s, (int, float))):
+                raise self.fail(f"{where}.stats.{k}", "statistics are numbers or null")
+        return TaskEntry(self.name(o["name"], f"{where}.name"), lam, dict(stats))
+
+    def header(self, v: Any) -> Header:
+        o = self.obj(v, "", {"format", "version", "tasks", "encoding", "tensors", "metadata"})
+        if o["format"] != FORMAT_NAME:
+            raise self.fail("format", f"expected {FORMAT_NAME!r}, got {o['format']!r}")
+        ver = self.list_(o["version"], "version", 2)
+        if len(ver) != 2:
+            raise self.fail("version", "expected [major, minor]")
+        version = (self.int_(ver[0], "version[0]", 0, 65535), self.int_(ver[1], "version[1]", 0, 65535))
+        tasks = tuple(self.task(t, f"tasks[{i}]") for i, t in enumerate(self.list_(o["tasks"], "tasks", MAX_TASKS)))
+        names = [t.name for t in tasks]
+        if len(set(names)) != len(names):
+            raise self.fail("tasks", "duplicate task names")
+        if not tasks:
+            raise self.fail("tasks", "an archive holds at least one task")
+        enc = self.encoding(o["encoding"])
+        if enc["mask"]["method"] == "tall" and any(t.lam is None for t in tasks):
+            raise self.fail("tasks", "TALL masks need a lambda for every task")
+        raw = self.list_(o["tensors"], "tensors", MAX_TENSORS)
+        tensors = tuple(self.tensor(t, f"tensors[{i}]", len(tasks)) for i, t in enumerate(raw))
+        by_name = {}
+        for t in tensors:
+            if t.name in by_name:
+                raise self.fail("tensors", f"duplicate tensor name {t.name!r}")
+            by_name[t.name] = t
+        for t in tensors:
+            if t.role == "alias" and (t.target not in by_name or by_name[t.target].role == "alias"):
+                raise self.fail(f"tensors ({t.name!r}).target", f"{t.target!r} is not a stored tensor")
+        meta = self.obj(o["metadata"], "metadata", set(), frozenset(o["metadata"]) if isinstance(o["metadata"], dict) else frozenset())
+        for k, s in meta.items():
+            if not isinstance(s, str):
+                raise self.fail(f"metadata.{k}", "metadata values are strings")
+        return Header(tasks, enc, tensors, dict(meta), version)
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict:
+    out = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"duplicate key {k!r}")
+        out[k] = v
+    return out
+
+
+def _json_depth_ok(text: str) -> bool:
+    """Bracket nesting outside strings is at most MAX_JSON_DEPTH (checked before json parses it)."""
+    depth, in_str, esc = 0, False, False
+    for ch in text:
+        if in_str:
+            if esc:
+                esc = False
+            elif ch == "\\":
+                esc = True
+            elif ch == '"':
+                in_str = False
+        elif ch == '"':
+            in_str = True
+        elif ch in "[{":
+            depth += 1
+            if depth > MAX_JSON_DEPTH:
+                return False
+        elif ch in "]}":
+            depth -= 1
+    return True
+
+
+def parse_header(raw: bytes, path: str = "<header>") -> Header:
+    """Decode, parse and validate header bytes (UTF-8 JSON) into a Header; FormatError when invalid."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise FormatError(f"{path}: header is not valid UTF-8 ({exc})") from None
+    if not text.startswith("{"):
+        raise FormatError(f"{path}: header must be a JSON object starting with '{{'")
+    if not _json_depth_ok(text):
+        raise LimitError(f"{path}: header JSON nests deeper than {MAX_JSON_DEPTH} levels")
+    try:
+        obj = json.loads(text, object_pairs_hook=_no_duplicate_keys,
+                         parse_constant=lambda c: (_ for _ in ()).throw(ValueError(f"{c} is not JSON")))
+    except (ValueError, RecursionError) as exc:
+        raise FormatError(f"{path}: header is not valid JSON ({exc})") from None
+    ver = obj.get("version") if isinstance(obj, dict) else None
+    strict = not (isinstance(ver, list) and len(ver) == 2 and isinstance(ver[1], int) and ver[1] > MINOR)
+    return _Checker(path, strict).header(obj)
+
+
+def check_layout(header: Header, file_size: int, header_offset: int, path: str) -> list[Segment]:
+    """Segments must tile the data section: sorted by offset, each at align64(previous end)."""
+    segs = sorted((s for t in header.tensors for s in t.segments()), key=lambda s: s.offset)
+    pos = PREAMBLE_SIZE
+    for s in segs:
+        if s.offset != align(pos):
+            what = "overlaps the previous segment" if s.offset < pos else (
+                "is misaligned" if s.offset % ALIGN else "leaves a gap after the previous segment")
+            raise FormatError(f"{path}: segment at offset {s.offset} {what} (expected offset {align(pos)})")
+        pos = s.offset + s.length
+        if pos > file_size:
+            raise FormatError(f"{path}: segment at offset {s.offset} with {s.length} bytes runs past the "
+                              f"end of the file ({file_size} bytes)")
+    if header_offset != align(pos):
+        raise FormatError(f"{path}: header offset {header_offset} does not follow the last segment "
+                          f"(expected {align(pos)})")
+    return segs
+
+
+# ----------------------------------------------------------------------------------------------
+# Reader
+
+
+class ContainerReader:
+    """Opens a .tall file, validates preamble, header and layout, and memory-maps the data.
+
+    Segments are read lazily: ``read(segment, itemsize)`` checks the stored bytes' checksum and decodes
+    them. Safe to share between threads; open one reader per process.
+
+        >>> with ContainerReader("zoo.tall") as r:          # doctest: +SKIP
+        ...     print(r.header.task_names)
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = str(path)
+        try:
+            self._file = open(self.path, "rb")
+        except FileNotFoundError:
+            raise FormatError(f"{self.path}: no such file") from None
+        except IsADirectoryError:
+            raise FormatError(f"{self.path}: is a directory, not a .tall file") from None
+        except OSError as exc:
+            raise FormatError(f"{self.path}: cannot open ({exc.strerror})") from None
+        self._mm: mmap.mmap | None = None
+        try:
+            self._open()
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self) -> None:
+        p = self.path
+        size = os.fstat(self._file.fileno()).st_size
+        pre = self._file.read(PREAMBLE_SIZE)
+        if len(pre) < 8 or pre[:8] != MAGIC:
+            raise FormatError(f"{p}: not a .tall file (bad magic bytes {pre[:8]!r})")
+        if len(pre) < PREAMBLE_SIZE:
+            raise FormatError(f"{p}: file is {size} bytes, shorter than the {PREAMBLE_SIZE}-byte preamble")
+        magic, major, minor, flags, h_off, h_len, h_sum, p_sum = _PREAMBLE.unpack_from(pre)
+        if xxhash.xxh3_64_intdigest(pre[:40]) != p_sum:
+            raise ChecksumError(f"{p}: preamble checksum mismatch (the first 64 bytes are damaged)")
+        if major != MAJOR:
+            raise FormatError(f"{p}: format major version {major} is not supported (this reader reads {MAJOR})")
+        if flags != 0 or any(pre[48:]):
+            raise FormatError(f"{p}: preamble reserved bytes are not zero")
+        if h_len > MAX_HEADER_BYTES:
+            raise LimitError(f"{p}: header length {h_len} is over the {MAX_HEADER_BYTES}-byte limit")
+        if h_off < PREAMBLE_SIZE or h_off % ALIGN or h_off + h_len != size:
+            raise FormatError(f"{p}: header at [{h_off}, {h_off + h_len}) does not end the "
+                              f"{size}-byte file at an aligned offset (truncated or trailing bytes?)")
+        self._file.seek(h_off)
+        raw = self._file.read(h_len)
+        if xxhash.xxh3_64_intdigest(raw) != h_sum:
+            raise ChecksumError(f"{p}: header checksum mismatch")
+        self.header = parse_header(raw, p)
+        if self.header.version[0] != major or self.header.version[1] != minor:
+            raise FormatError(f"{p}: header version {list(self.header.version)} differs from the preamble's "
+                              f"[{major}, {minor}]")
+        self.header_offset, self.header_length, self.file_size = h_off, h_len, size
+        self.segments = check_layout(self.header, size, h_off, p)
+        self._mm = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
+        self._check_padding()
+
+    def _check_padding(self) -> None:
+        pos = PREAMBLE_SIZE
+        for s in (*self.segments, None):
+            end = s.offset if s is not None else self.header_offset
+            if any(self._mm[pos:end]):
+                raise FormatError(f"{self.path}: padding bytes [{pos}, {end}) are not zero")
+            if s is not None:
+                pos = s.offset + s.length
+
+    def stored(self, seg: Segment) -> memoryview:
+        """The segment's stored bytes (a view of the memory map), checksum verified."""
+        if self._mm is None:
+            raise InputError(f"{self.path}: the archive is closed")
+        view = memoryview(self._mm)[seg.offset:seg.offset + seg.length]
+        if checksum(view) != seg.xxh3:
+            raise ChecksumError(f"{self.path}: checksum mismatch in segment at offset {seg.offset}")
+        return view
+
+    def read(self, seg: Segment, itemsize: int) -> Buffer:
+        """The decoded bytes of a segment (zero-copy for raw segments), checksum verified first."""
+        try:
+            return get_codec(seg.codec).decode(self.stored(seg), seg.decoded_length, itemsize)
+        except FormatError as exc:
+            if str(exc).startswith(self.path):
+                raise
+            raise type(exc)(f"{self.path}: segment at offset {seg.offset}: {exc}") from None
+
+    def read_array(self, seg: Segment, dtype: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
+        """A segment decoded as a numpy array of the dtype's storage type (read-only for raw segments)."""
+        d = dtypes.by_name(dtype)
+        arr = np.frombuffer(self.read(seg, d.itemsize), dtype=d.storage)
+        return arr if shape is None else arr.reshape(shape)
+
+    def verify(self) -> None:
+        """Check every segment's checksum and decode it; raise the first FormatError found."""
+        for t in self.header.tensors:
+            for s in t.segments():
+                self.read(s, 1 if s.codec != "byteplane-zstd" else _itemsize_of(t, s))
+
+    def close(self) -> None:
+        if self._mm is not None:
+            self._mm.close()
+            self._mm = None
+        self._file.close()
+
+    def __enter__(self) -> "ContainerReader":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _itemsize_of(t: TensorEntry, s: Segment) -> int:
+    if s is t.tau:
+        return 4
+    if any(s is m for m in t.masks):
+        return 1
+    if t.dtype is not None:
+        return dtypes.by_name(t.dtype).itemsize
+    for it in (t.base_item, *t.task_items):
+        if it is not None and it.data is s:
+            return dtypes.by_name(it.dtype).itemsize
+    return 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Writer
+
+
+class ContainerWriter:
+    """Streams segments to a temporary file beside ``path``; ``finish(header)`` makes it the archive.
+
+    The header and the preamble are written last, the file is fsynced and renamed over ``path``; an
+    exception (or a kill) before that leaves ``path`` untouched and the temporary file removed (on an
+    exception) or named ``.<name>.*.tmp`` (on a kill).
+
+        >>> with ContainerWriter("x.tall") as w:             # doctest: +SKIP
+        ...     seg = w.write_segment(b"...", "zstd", 1)
+        ...     w.finish(header)
+    """
+
+    def __init__(self, path: str | os.PathLike, *, overwrite: bool = True) -> None:
+        self.path = Path(path)
+        if not overwrite and self.path.exists():
+            raise InputError(f"{self.path}: already exists (pass overwrite=True / --force to replace it)")
+        if self.path.is_dir():
+            raise InputError(f"{self.path}: is a directory")
+        folder = self.path.parent if str(self.path.parent) else Path(".")
+        if not folder.is_dir():
+            raise InputError(f"{self.path}: folder {folder} does not exist")
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=folder)
+        self.tmp_path = Path(tmp)
+        self._file = os.fdopen(fd, "w+b")
+        self._pos = 0
+        self._done = False
+        self._write(bytes(PREAMBLE_SIZE))
+
+    def _write(self, data: Buffer) -> None:
+        view = memoryview(data).cast("B") if not isinstance(data, np.ndarray) else memoryview(
+            np.ascontiguousarray(data).reshape(-1).view(np.uint8))
+        self._file.write(view)
+        self._pos += len(view)
+
+    def _pad(self) -> None:
+        gap = align(self._pos) - self._pos
+        if gap:
+            self._write(bytes(gap))
+
+    def write_segment(self, data: Buffer, codec: str, itemsize: int) -> Segment:
+        """Encode ``data`` (the decoded bytes) with ``codec`` and append it; returns its Segment."""
+        c = get_codec(codec)
+        decoded = memoryview(np.ascontiguousarray(data).reshape(-1).view(np.uint8)) if isinstance(
+            data, np.ndarray) else memoryview(data).cast("B")
+        stored = c.encode(decoded, itemsize)
+        return self.write_stored(stored, len(decoded), codec)
+
+    def write_stored(self, stored: Buffer, decoded_length: int, codec: str) -> Segment:
+        """Append already-encoded bytes (e.g. copied from another archive)."""
+        self._pad()
+        seg = Segment(self._pos, len(memoryview(stored).cast("B")), decoded_length, codec, checksum(stored))
+        self._write(stored)
+        return seg
+
+    def finish(self, header: Header) -> Path:
+        """Write header and preamble, fsync, rename into place. Returns the final path."""
+        raw = header.to_bytes()
+        if len(raw) > MAX_HEADER_BYTES:
+            raise LimitError(f"{self.path}: header would be {len(raw)} bytes, over the {MAX_HEADER_BYTES} limit")
+        self._pad()
+        h_off = self._pos
+        self._write(raw)
+        pre = bytearray(PREAMBLE_SIZE)
+        _PREAMBLE.pack_into(pre, 0, MAGIC, header.version[0], header.version[1], 0, h_off, len(raw),
+                            xxhash.xxh3_64_intdigest(raw), 0)
+        struct.pack_into("<Q", pre, 40, xxhash.xxh3_64_intdigest(bytes(pre[:40])))
+        self._file.seek(0)
+        self._file.write(pre)
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        os.replace(self.tmp_path, self.path)
+        self._done = True
+        _fsync_dir(self.path.parent)
+        return self.path
+
+    def abort(self) -> None:
+        """Drop the temporary file; ``path`` is left as it was."""
+        if not self._done:
+            self._file.close()
+            self.tmp_path.unlink(missing_ok=True)
+            self._done = True
+
+    def __enter__(self) -> "ContainerWriter":
+        return self
+
+    def __exit__(self, exc_type: object, *rest: object) -> None:
+        if not self._done:
+            self.abort()
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder if str(folder) else ".", os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
