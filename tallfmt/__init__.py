@@ -1,7 +1,34 @@
-"""tallfmt: one compressed archive for a zoo of fine-tunes of one base model (TALL-masks)."""
+"""tallfmt: one compressed archive for a zoo of fine-tunes of one base model (TALL-masks).
+
+    >>> import tallfmt
+    >>> tallfmt.encode("base.safetensors", {"sst2": "sst2.safetensors"}, "zoo.tall")   # doctest: +SKIP
+    >>> with tallfmt.open("zoo.tall") as zoo:                                          # doctest: +SKIP
+    ...     sd = zoo.decode("sst2")
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 from tallfmt.errors import ChecksumError, FormatError, InputError, LimitError, TallError
 
 __version__ = "0.1.0"
 
-__all__ = ["TallError", "FormatError", "ChecksumError", "LimitError", "InputError", "__version__"]
+# Heavy modules (torch, numba) load on first use, so `import tallfmt` and `tallfmt --help` stay fast.
+_LAZY = {
+    "encode": "tallfmt.codec", "select_lambdas": "tallfmt.codec", "select_alpha": "tallfmt.codec",
+    "EncodeReport": "tallfmt.codec",
+    "open": "tallfmt.archive", "Archive": "tallfmt.archive", "MergeMethod": "tallfmt.archive",
+    "register_merge": "tallfmt.archive", "MERGES": "tallfmt.archive",
+}
+
+__all__ = [*_LAZY, "TallError", "FormatError", "ChecksumError", "LimitError", "InputError", "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'tallfmt' has no attribute {name!r}")

@@ -1,0 +1,489 @@
+"""Encode a collection of fine-tunes into a .tall archive; decode any task model or a merged model.
+
+    >>> import tallfmt
+    >>> report = tallfmt.encode("base.safetensors", {"sst2": "sst2.safetensors"}, "zoo.tall")  # doctest: +SKIP
+    >>> with tallfmt.open("zoo.tall") as zoo:                                                 # doctest: +SKIP
+    ...     sd = zoo.decode("sst2")
+
+Encoding is a per-tensor pipeline with bounded memory: checkpoints are memory-mapped and each tensor is
+processed in flat chunks of ``chunk_size`` elements, so peak memory is about one tensor's τ_MTL plus
+T packed masks plus T chunks, whatever the number of tensors or tasks. The mask math runs in torch on
+``device``; packing and the fused decode run in numba.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tallfmt import dtypes, kernels, maskmath
+from tallfmt.checkpoints import Checkpoint, open_checkpoint, save_state_dict
+from tallfmt.compression import CODECS
+from tallfmt.container import (MAX_NAME_BYTES, MAX_TASKS, ContainerReader, ContainerWriter, Header, Item,
+                               Segment, TaskEntry, TensorEntry)
+from tallfmt.errors import FormatError, InputError
+
+DEFAULT_CHUNK = 1 << 20  # elements per chunk of mask math: T chunks of 4 MiB in flight
+DEFAULT_CODEC = "auto"   # byteplane-zstd for multi-byte elements, zstd for masks and bytes
+
+ProgressFn = Callable[[int], None]
+
+
+# ----------------------------------------------------------------------------------------------
+# Parameters
+
+
+def _check_lambdas(lambdas: float | Mapping[str, float], tasks: list[str]) -> dict[str, float]:
+    if isinstance(lambdas, Mapping):
+        unknown = set(lambdas) - set(tasks)
+        if unknown:
+            raise InputError(f"lambdas name unknown task(s) {sorted(unknown)}")
+        missing = [t for t in tasks if t not in lambdas]
+        if missing:
+            raise InputError(f"lambdas has no value for task(s) {missing}")
+        out = {t: lambdas[t] for t in tasks}
+    else:
+        out = {t: lambdas for t in tasks}
+    for t, v in out.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            raise InputError(f"lambda for task {t!r} must be a finite number > 0, got {v!r}")
+    return {t: float(v) for t, v in out.items()}
+
+
+def _check_fraction(name: str, v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
+        raise InputError(f"{name} must be a number in [0, 1], got {v!r}")
+    return float(v)
+
+
+def _check_choice(name: str, v: Any, choices: tuple[str, ...]) -> str:
+    if v not in choices:
+        raise InputError(f"{name} must be one of {list(choices)}, got {v!r}")
+    return v
+
+
+def _codec_for(codec: str, itemsize: int) -> str:
+    if codec != "auto":
+        return codec
+    return "byteplane-zstd" if itemsize > 1 else "zstd"
+
+
+# ----------------------------------------------------------------------------------------------
+# Planning: which role each tensor gets
+
+
+@dataclass
+class _Plan:
+    name: str
+    role: str
+    dtype: str | None = None
+    shape: tuple[int, ...] | None = None
+    target: str | None = None
+
+
+def _equal_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    a, b = a.contiguous().reshape(-1), b.contiguous().reshape(-1)
+    if a.numel() == 0:
+        return b.numel() == 0
+    return torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+
+def _describe(names: list[str]) -> str:
+    head = ", ".join(repr(n) for n in names[:5])
+    return f"{head}{f' and {len(names) - 5} more' if len(names) > 5 else ''} ({len(names)} in all)"
+
+
+def _plan_metadata(base: Checkpoint, cks: list[Checkpoint], task_names: list[str], mismatch: str) -> list[_Plan]:
+    """Roles that follow from names, dtypes and shapes alone; `common` ones are refined from the data."""
+    names: list[str] = list(base.names())
+    seen = set(names)
+    for ck in cks:
+        for n in ck.names():
+            if n not in seen:
+                seen.add(n)
+                names.append(n)
+    base_set, task_sets = set(base.names()), [set(ck.names()) for ck in cks]
+    plans, bad = [], []
+    for n in names:
+        if len(n.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES or not n:
+            raise InputError(f"tensor name {n[:80]!r}… is empty or longer than {MAX_NAME_BYTES} bytes")
+        base_info = base.info(n) if n in base_set else None
+        task_infos = [ck.info(n) if n in ck_set else None for ck, ck_set in zip(cks, task_sets)]
+        if base_info is not None and all(i == base_info for i in task_infos):
+            plans.append(_Plan(n, "common", *base_info))
+        else:
+            bad.append(n)
+            plans.append(_Plan(n, "per_task"))
+    if bad and mismatch == "error":
+        raise InputError(
+            f"tensors differ in presence, dtype or shape between the base and the tasks: {_describe(bad)}; "
+            f"pass mismatch='per_task' (CLI: --mismatch per_task) to store them per task")
+    return plans
+
+
+# ----------------------------------------------------------------------------------------------
+# Encode
+
+
+@dataclass
+class EncodeReport:
+    """What encode() did: where, how big, what each tensor became, and what each task loses."""
+
+    path: Path
+    tasks: list[str]
+    roles: dict[str, int]                  # role -> number of tensors
+    role_bytes: dict[str, int]             # role -> stored bytes of its segments
+    params: dict[str, int]                 # "masked" / "shared" / "per_task" -> elements (θ0's copy)
+    input_bytes: int                       # raw bytes of base + every task checkpoint
+    archive_bytes: int
+    task_stats: dict[str, dict[str, Any]]
+    seconds: float
+
+    @property
+    def ratio(self) -> float:
+        """Raw collection bytes / archive bytes."""
+        return self.input_bytes / self.archive_bytes if self.archive_bytes else float("inf")
+
+    def __str__(self) -> str:
+        return (f"{self.path}: {len(self.tasks)} tasks, {self.input_bytes:,} → {self.archive_bytes:,} bytes "
+                f"({self.ratio:.2f}×) in {self.seconds:.1f}s; roles {self.roles}")
+
+
+class _Encoder:
+    def __init__(self, base: Checkpoint, cks: list[Checkpoint], task_names: list[str], *, merge: str,
+                 lambdas: dict[str, float], ties_density: float, ties_agg: str, ties_scope: str,
+                 mask_method: str, mask_density: float, mask_scope: str, codec: str, device: torch.device,
+                 chunk: int, progress: ProgressFn | None) -> None:
+        self.base, self.cks, self.tasks = base, cks, task_names
+        self.merge, self.lambdas = merge, lambdas
+        self.ties_density, self.ties_agg, self.ties_scope = ties_density, ties_agg, ties_scope
+        self.mask_method, self.mask_density, self.mask_scope = mask_method, mask_density, mask_scope
+        self.codec, self.device, self.chunk, self.progress = codec, device, chunk, progress
+        self.stats = [maskmath.TaskStats() for _ in task_names]
+        self.base_names = set(base.names())
+        self.task_names_sets = [set(ck.names()) for ck in cks]
+
+    # --- reading -------------------------------------------------------------------------------
+    def _flat(self, ck: Checkpoint, name: str) -> torch.Tensor:
+        t = ck.get(name)
+        if t.device.type != "cpu":
+            t = t.cpu()
+        return t.contiguous().reshape(-1)
+
+    def _chunks(self, n: int) -> Iterator[tuple[int, int]]:
+        for s in range(0, n, self.chunk):
+            yield s, min(n, s + self.chunk)
+
+    def _f32(self, flat: torch.Tensor, s: int, e: int, ck: Checkpoint, name: str) -> torch.Tensor:
+        x = flat[s:e].to(self.device, dtype=torch.float32)
+        if not bool(torch.isfinite(x).all()):
+            raise InputError(f"{ck.source}: tensor {name!r} holds NaN or Inf values")
+        return x
+
+
+    # --- roles ------------------------------------------------------------------------------------
+    def refine(self, plans: list[_Plan]) -> None:
+        """Split `common` tensors into alias / shared / masked / per_task by looking at the bytes."""
+        by_key: dict[tuple, str] = {}
+        for p in plans:
+            if p.role != "common":
+                continue
+            keys = tuple(ck.storage_key(p.name) for ck in (self.base, *self.cks))
+            if all(k is not None for k in keys) and keys in by_key:
+                p.role, p.target = "alias", by_key[keys]
+                continue
+            if all(k is not None for k in keys):
+                by_key[keys] = p.name
+            b = self.base.get(p.name)
+            same = all(_equal_bytes(b, ck.get(p.name)) for ck in self.cks)
+            p.role = "shared" if same else ("masked" if p.dtype in dtypes.MASKABLE else "per_task")
+
+    def check_finite(self, ck: Checkpoint, name: str) -> None:
+        flat = self._flat(ck, name)
+        if not flat.dtype.is_floating_point:
+            return
+        for s, e in self._chunks(flat.numel()):
+            if not bool(torch.isfinite(flat[s:e]).all()):
+                raise InputError(f"{ck.source}: tensor {name!r} holds NaN or Inf values")
+
+    # --- global thresholds (TIES global trim, global magnitude masks) -----------------------------
+    def global_thresholds(self, masked: list[_Plan], density: float) -> torch.Tensor:
+        """Exact per-task k-th largest |τ_t| over all masked parameters: two streaming passes."""
+        total = sum(math.prod(p.shape) for p in masked)
+        sel = [maskmath.TopKThreshold(total, density, device=self.device) for _ in self.tasks]
+        self._sweep(masked, sel, "update_hi")
+        for s in sel:
+            s.finish_hi()
+        self._sweep(masked, sel, "update_lo")
+        for s in sel:
+            s.finish_lo()
+        return torch.tensor([s.threshold for s in sel], dtype=torch.float32, device=self.device)
+
+    def _sweep(self, plans: list[_Plan], sel: list, method: str) -> None:
+        for p in plans:
+            self._sweep_tensor(p.name, sel, method)
+
+    def _sweep_tensor(self, name: str, sel: list, method: str) -> None:
+        b = self._flat(self.base, name)
+        flats = [self._flat(ck, name) for ck in self.cks]
+        for s, e in self._chunks(b.numel()):
+            theta0 = b[s:e].to(self.device, dtype=torch.float32)
+            for t, f in enumerate(flats):
+                getattr(sel[t], method)(maskmath.task_vector(f[s:e].to(self.device, dtype=torch.float32), theta0))
+
+    def tensor_thresholds(self, name: str, numel: int, density: float) -> torch.Tensor:
+        sel = [maskmath.TopKThreshold(numel, density, device=self.device) for _ in self.tasks]
+        self._sweep_tensor(name, sel, "update_hi")
+        for s in sel:
+            s.finish_hi()
+        self._sweep_tensor(name, sel, "update_lo")
+        for s in sel:
+            s.finish_lo()
+        return torch.tensor([s.threshold for s in sel], dtype=torch.float32, device=self.device)
+
+    # --- one masked tensor ------------------------------------------------------------------------
+    def encode_masked(self, p: _Plan, ties_thr: torch.Tensor | None, mag_thr: torch.Tensor | None
+                      ) -> tuple[np.ndarray, list[np.ndarray]]:
+        """τ_MTL (float32) and one packed mask per task for one tensor, chunk by chunk."""
+        n = math.prod(p.shape)
+        dt = dtypes.by_name(p.dtype)
+        if self.merge == "ties" and self.ties_scope == "per_tensor":
+            ties_thr = self.tensor_thresholds(p.name, n, self.ties_density)
+        if self.mask_method == "magnitude" and self.mask_scope == "per_tensor":
+            mag_thr = self.tensor_thresholds(p.name, n, self.mask_density)
+        b = self._flat(self.base, p.name)
+        flats = [self._flat(ck, p.name) for ck in self.cks]
+        tau_out = np.empty(n, dtype=np.float32)
+        packed = [np.empty((n + 7) // 8, dtype=np.uint8) for _ in self.tasks]
+        lams = [self.lambdas[t] for t in self.tasks]
+        for s, e in self._chunks(n):
+            theta0 = self._f32(b, s, e, self.base, p.name)
+            thetas = [self._f32(f, s, e, ck, p.name) for f, ck in zip(flats, self.cks)]
+            taus = torch.stack([maskmath.task_vector(th, theta0) for th in thetas])
+            if self.merge == "ties":
+                tau_mtl = maskmath.ties_merge(taus, ties_thr, agg=self.ties_agg)
+            else:
+                tau_mtl = maskmath.task_arithmetic(taus)
+            # θ̂ where a mask bit is set, rounded to the tensor's dtype once (what decode returns).
+            full = (theta0 + tau_mtl).to(dt.torch).to(torch.float32)
+            for t in range(len(self.tasks)):
+                if self.mask_method == "tall":
+                    m = maskmath.tall_mask(taus[t], tau_mtl, lams[t])
+                else:
+                    m = maskmath.magnitude_mask(taus[t], mag_thr[t])
+                theta_hat = torch.where(m, full, theta0)
+                self.stats[t].update(theta_hat=theta_hat, theta_t=thetas[t], tau_t=taus[t],
+                                     tau_mtl=tau_mtl, mask=m)
+                kernels.pack_bits_into(m.to("cpu").numpy(), packed[t][s // 8:(e + 7) // 8])
+            tau_out[s:e] = tau_mtl.to("cpu").numpy()
+        return tau_out, packed
+
+
+def encode(base: Any, tasks: Mapping[str, Any], path: str | Path, *, merge: str = "task_arithmetic",
+           lambdas: float | Mapping[str, float] = 0.4, ties_density: float = 0.2, ties_agg: str = "sum",
+           ties_scope: str = "global", mask_method: str = "tall", mask_density: float = 0.1,
+           mask_scope: str = "global", codec: str = DEFAULT_CODEC, device: str | torch.device | None = None,
+           mismatch: str = "error", metadata: Mapping[str, str] | None = None, overwrite: bool = True,
+           chunk_size: int = DEFAULT_CHUNK, progress: ProgressFn | None = None) -> EncodeReport:
+    """Encode θ0 and T fine-tunes of it into one .tall archive at ``path``.
+
+    ``base`` and each task source: a .safetensors file, a HF folder (model.safetensors or a sharded
+    index), a .bin/.pt file (loaded with weights_only=True) or a ``{name: tensor}`` mapping.
+    ``merge`` makes τ_MTL: "task_arithmetic" (Σ τ_t) or "ties" (``ties_density``, ``ties_agg``,
+    ``ties_scope``). ``mask_method`` "tall" (eq. 5 with ``lambdas``) or "magnitude" (top
+    ``mask_density`` of |τ_t|). ``mismatch="per_task"`` stores tensors whose presence, dtype or shape
+    differ between checkpoints per task instead of refusing them. ``progress(n)`` is called with the
+    number of elements processed.
+
+        >>> report = encode("base.safetensors", {"a": "a.safetensors", "b": "b.safetensors"},
+        ...                 "zoo.tall", lambdas={"a": 0.3, "b": 0.5})                    # doctest: +SKIP
+        >>> print(report.ratio)                                                          # doctest: +SKIP
+    """
+    t0 = time.perf_counter()
+    if not isinstance(tasks, Mapping) or not tasks:
+        raise InputError("tasks must be a non-empty mapping {task name: checkpoint}")
+    task_names = list(tasks)
+    if len(task_names) > MAX_TASKS:
+        raise InputError(f"{len(task_names)} tasks is over the limit of {MAX_TASKS}")
+    for t in task_names:
+        if not isinstance(t, str) or not t or len(t.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
+            raise InputError(f"task names must be non-empty strings of at most {MAX_NAME_BYTES} bytes, got {t!r}")
+    _check_choice("merge", merge, ("task_arithmetic", "ties"))
+    _check_choice("mask_method", mask_method, ("tall", "magnitude"))
+    _check_choice("ties_agg", ties_agg, ("sum", "mean"))
+    _check_choice("ties_scope", ties_scope, ("global", "per_tensor"))
+    _check_choice("mask_scope", mask_scope, ("global", "per_tensor"))
+    _check_choice("mismatch", mismatch, ("error", "per_task"))
+    if codec != "auto":
+        _check_choice("codec", codec, tuple(CODECS))
+    ties_density = _check_fraction("ties_density", ties_density)
+    mask_density = _check_fraction("mask_density", mask_density)
+    lams = _check_lambdas(lambdas, task_names) if mask_method == "tall" else {}
+    if not isinstance(chunk_size, int) or chunk_size < 8:
+        raise InputError(f"chunk_size must be an integer >= 8, got {chunk_size!r}")
+    meta = dict(metadata or {})
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+        raise InputError("metadata must map strings to strings")
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+
+    with ExitStack() as stack:
+        base_ck = stack.enter_context(open_checkpoint(base, label="base"))
+        cks = [stack.enter_context(open_checkpoint(tasks[t], label=t)) for t in task_names]
+        plans = _plan_metadata(base_ck, cks, task_names, mismatch)
+        enc = _Encoder(base_ck, cks, task_names, merge=merge, lambdas=lams, ties_density=ties_density,
+                       ties_agg=ties_agg, ties_scope=ties_scope, mask_method=mask_method,
+                       mask_density=mask_density, mask_scope=mask_scope, codec=codec, device=dev,
+                       chunk=chunk_size // 8 * 8, progress=progress)
+        enc.refine(plans)
+        masked = [p for p in plans if p.role == "masked"]
+        ties_thr = mag_thr = None
+        if merge == "ties" and ties_scope == "global":
+            ties_thr = enc.global_thresholds(masked, ties_density)
+        if mask_method == "magnitude" and mask_scope == "global":
+            mag_thr = enc.global_thresholds(masked, mask_density)
+
+        entries: list[TensorEntry] = []
+        writer = stack.enter_context(ContainerWriter(path, overwrite=overwrite))
+        input_bytes = sum(_checkpoint_bytes(ck) for ck in (base_ck, *cks))
+        for p in plans:
+            entries.append(_write_tensor(writer, enc, p, ties_thr, mag_thr, codec))
+            if progress is not None:
+                progress(1)
+        encoding = {"merge": {"method": merge}, "mask": {"method": mask_method},
+                    "compute_dtype": "F32", "bit_order": "little"}
+        if merge == "ties":
+            encoding["merge"].update(density=ties_density, agg=ties_agg, scope=ties_scope)
+        if mask_method == "magnitude":
+            encoding["mask"].update(density=mask_density, scope=mask_scope)
+        task_entries = tuple(TaskEntry(t, lams.get(t), enc.stats[i].result()) for i, t in enumerate(task_names))
+        header = Header(task_entries, encoding, tuple(entries), meta)
+        final = writer.finish(header)
+
+    roles: dict[str, int] = {}
+    role_bytes: dict[str, int] = {}
+    params: dict[str, int] = {}
+    for e in entries:
+        roles[e.role] = roles.get(e.role, 0) + 1
+        role_bytes[e.role] = role_bytes.get(e.role, 0) + sum(s.length for s in e.segments())
+        if e.role in ("masked", "shared"):
+            params[e.role] = params.get(e.role, 0) + e.numel
+    return EncodeReport(final, task_names, roles, role_bytes, params, input_bytes, final.stat().st_size,
+                        {t.name: dict(t.stats) for t in task_entries}, time.perf_counter() - t0)
+
+
+def _checkpoint_bytes(ck: Checkpoint) -> int:
+    total = 0
+    for n in ck.names():
+        dt, shape = ck.info(n)
+        total += math.prod(shape) * dtypes.by_name(dt).itemsize
+    return total
+
+
+def _write_item(writer: ContainerWriter, enc: _Encoder, ck: Checkpoint, name: str, codec: str) -> Item:
+    enc.check_finite(ck, name)
+    dt, shape = ck.info(name)
+    d = dtypes.by_name(dt)
+    arr = dtypes.to_numpy(ck.get(name).contiguous())
+    return Item(dt, tuple(shape), writer.write_segment(arr, _codec_for(codec, d.itemsize), d.itemsize))
+
+
+def _write_tensor(writer: ContainerWriter, enc: _Encoder, p: _Plan, ties_thr, mag_thr, codec: str) -> TensorEntry:
+    if p.role == "alias":
+        return TensorEntry(p.name, "alias", target=p.target)
+    if p.role == "per_task":
+        base_item = _write_item(writer, enc, enc.base, p.name, codec) if p.name in enc.base_names else None
+        items = tuple(_write_item(writer, enc, ck, p.name, codec) if p.name in names else None
+                      for ck, names in zip(enc.cks, enc.task_names_sets))
+        return TensorEntry(p.name, "per_task", base_item=base_item, task_items=items)
+    item = _write_item(writer, enc, enc.base, p.name, codec)
+    if p.role == "shared":
+        return TensorEntry(p.name, "shared", item.dtype, item.shape, data=item.data)
+    tau, packed = enc.encode_masked(p, ties_thr, mag_thr)
+    tau_seg = writer.write_segment(tau, _codec_for(codec, 4), 4)
+    mask_codec = "zstd" if codec == "auto" else codec
+    masks = tuple(writer.write_segment(m, mask_codec, 1) for m in packed)
+    return TensorEntry(p.name, "masked", item.dtype, item.shape, base=item.data, tau=tau_seg, masks=masks)
+
+
+# ----------------------------------------------------------------------------------------------
+# Choosing λ per task and α of merges on validation data
+
+
+DEFAULT_LAMBDA_GRID = (0.2, 0.3, 0.4, 0.5, 0.6)
+DEFAULT_ALPHA_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+
+
+def _check_grid(name: str, grid: Any) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in grid)
+    except (TypeError, ValueError):
+        raise InputError(f"{name} must be a sequence of numbers, got {grid!r}") from None
+    if not values or not all(math.isfinite(v) for v in values):
+        raise InputError(f"{name} must be a non-empty sequence of finite numbers, got {grid!r}")
+    return values
+
+
+def select_lambdas(base: Any, tasks: Mapping[str, Any], evaluate: Callable[[str, dict[str, torch.Tensor]], float],
+                   *, grid: Any = DEFAULT_LAMBDA_GRID, workdir: str | Path | None = None,
+                   scores: dict[str, dict[float, float]] | None = None, **encode_kwargs: Any) -> dict[str, float]:
+    """Pick each task's λ from ``grid`` by ``evaluate(task, state_dict) -> score`` (higher is better).
+
+    One archive per grid value is encoded into ``workdir`` (a temporary folder by default) and each
+    task decoded from it in turn, so at most one decoded model is held at a time. Ties go to the
+    first grid value. ``scores``, if given, is filled with {task: {λ: score}}.
+
+        >>> lams = select_lambdas("base.safetensors", {"a": "a.safetensors"},
+        ...                       lambda task, sd: accuracy(sd, task, "validation"))   # doctest: +SKIP
+        >>> encode("base.safetensors", {"a": "a.safetensors"}, "zoo.tall", lambdas=lams)  # doctest: +SKIP
+    """
+    import tempfile
+
+    from tallfmt.archive import open as open_archive
+
+    values = _check_grid("grid", grid)
+    if any(v <= 0 for v in values):
+        raise InputError(f"λ grid values must be > 0, got {values}")
+    if "lambdas" in encode_kwargs:
+        raise InputError("select_lambdas chooses lambdas itself; do not pass lambdas=")
+    table: dict[str, dict[float, float]] = {t: {} for t in tasks}
+    with tempfile.TemporaryDirectory(dir=workdir, prefix="tallfmt-lambdas-") as tmp:
+        for lam in values:
+            path = Path(tmp) / "sweep.tall"
+            encode(base, tasks, path, lambdas=lam, **encode_kwargs)
+            with open_archive(path) as zoo:
+                for t in zoo.tasks:
+                    table[t][lam] = float(evaluate(t, zoo.decode(t)))
+    if scores is not None:
+        scores.update(table)
+    return {t: max(values, key=lambda v: (table[t][v], -values.index(v))) for t in table}
+
+
+def select_alpha(archive: Any, evaluate: Callable[[str, dict[str, torch.Tensor]], float], *,
+                 method: str = "task_arithmetic", grid: Any = DEFAULT_ALPHA_GRID, tasks: list[str] | None = None,
+                 scores: dict[float, float] | None = None, **params: Any) -> float:
+    """Pick the α of a merge from ``grid`` by the mean of ``evaluate(task, merged)`` over ``tasks``.
+
+    Holds one merged model at a time. ``archive`` is an open Archive. Ties go to the first grid value.
+
+        >>> alpha = select_alpha(zoo, lambda t, sd: accuracy(sd, t, "validation"),
+        ...                      method="consensus", k=2)                           # doctest: +SKIP
+    """
+    values = _check_grid("grid", grid)
+    names = list(tasks) if tasks is not None else archive.tasks
+    table: dict[float, float] = {}
+    for a in values:
+        merged = archive.merge(method, alpha=a, **params)
+        table[a] = sum(float(evaluate(t, merged)) for t in names) / max(1, len(names))
+        del merged
+    if scores is not None:
+        scores.update(table)
+    return max(values, key=lambda v: (table[v], -values.index(v)))
