@@ -264,11 +264,11 @@ class _Encoder:
         flats = [self._flat(ck, p.name) for ck in self.cks]
         tau_out = np.empty(n, dtype=np.float32)
         packed = [np.empty((n + 7) // 8, dtype=np.uint8) for _ in self.tasks]
-        lams = [self.lambdas[t] for t in self.tasks]
+        lams = [self.lambdas.get(t) for t in self.tasks]
         for s, e in self._chunks(n):
             theta0 = self._f32(b, s, e, self.base, p.name)
             thetas = [self._f32(f, s, e, ck, p.name) for f, ck in zip(flats, self.cks)]
-            taus = torch.stack([maskmath.task_vector(th, theta0) for th in thetas])
+            taus = [maskmath.task_vector(th, theta0) for th in thetas]
             if self.merge == "ties":
                 tau_mtl = maskmath.ties_merge(taus, ties_thr, agg=self.ties_agg)
             else:

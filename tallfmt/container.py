@@ -659,6 +659,7 @@ class ContainerWriter:
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
+        os.chmod(self.tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
         os.replace(self.tmp_path, self.path)
         self._done = True
         _fsync_dir(self.path.parent)
@@ -677,6 +678,12 @@ class ContainerWriter:
     def __exit__(self, exc_type: object, *rest: object) -> None:
         if not self._done:
             self.abort()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -6,6 +6,7 @@ float8 types are viewed as uint8. Conversions to torch reinterpret those bits, n
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -64,8 +65,13 @@ def from_torch(dtype: torch.dtype) -> DType:
 def to_torch(arr: np.ndarray, dtype: DType) -> torch.Tensor:
     """View a numpy array of `dtype.storage` elements as a torch tensor of `dtype` (no rounding)."""
     shape = np.shape(arr)
-    flat = np.ascontiguousarray(np.asarray(arr, dtype=dtype.storage).reshape(-1))
-    return torch.from_numpy(flat.view(np.uint8)).view(dtype.torch).reshape(shape)
+    flat = np.ascontiguousarray(np.asarray(arr, dtype=dtype.storage).reshape(-1)).view(np.uint8)
+    if not flat.flags.writeable:
+        # A read-only view (e.g. of a memory map) that the caller only reads or copies from.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.from_numpy(flat).view(dtype.torch).reshape(shape)
+    return torch.from_numpy(flat).view(dtype.torch).reshape(shape)
 
 
 def to_numpy(t: torch.Tensor) -> np.ndarray:

@@ -1,0 +1,136 @@
+"""Regenerate the golden files in spec/golden/ (run from the repository root).
+
+    python spec/make_golden.py
+
+For each case NAME it writes:
+  NAME.inputs.safetensors    the checkpoints that were encoded: "base/<tensor>" and "<task>/<tensor>"
+  NAME.tall                  the archive
+  NAME.expected.safetensors  what a reader must decode: "task/<task>/<tensor>" (every task model),
+                             "mask/<task>/<tensor>" (U8, one byte per element, 0/1),
+                             "merge/<method>/<tensor>" (zeroshot, task_arithmetic α=0.5, consensus k=2 α=0.5)
+                             and "agreement" (I64, length T+1)
+NAME.json in tests/golden_cases.json records the encode options. tests/test_golden.py checks that the
+reader decodes every .tall to the expected tensors bit for bit and that encoding the inputs with the
+recorded options reproduces the .tall byte for byte.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT.parent))
+
+import tallfmt  # noqa: E402
+
+CASES: dict[str, dict] = {
+    # One F32 tensor, one task, raw segments: small enough to decode by hand from FORMAT.md.
+    "minimal": {"tasks": ["only"], "options": {"codec": "raw", "lambdas": 0.4}},
+    # Every role and float dtype, three tasks, per-task λ, default codecs.
+    "roles": {"tasks": ["alpha", "beta", "gamma"],
+              "options": {"lambdas": {"alpha": 0.3, "beta": 0.4, "gamma": 0.6}, "mismatch": "per_task",
+                          "metadata": {"source": "spec/make_golden.py"}}},
+    # TIES (global trim, disjoint sum), as the paper's masks.
+    "ties": {"tasks": ["t1", "t2", "t3", "t4"],
+             "options": {"merge": "ties", "ties_density": 0.2, "ties_agg": "sum", "ties_scope": "global",
+                         "lambdas": 0.5, "codec": "zstd"}},
+    # Magnitude masks (the paper's baseline), TIES per-tensor with disjoint mean.
+    "magnitude": {"tasks": ["x", "y"],
+                  "options": {"merge": "ties", "ties_density": 0.5, "ties_agg": "mean", "ties_scope": "per_tensor",
+                              "mask_method": "magnitude", "mask_density": 0.1, "mask_scope": "per_tensor"}},
+}
+
+
+def _inputs(case: str, tasks: list[str]) -> tuple[dict, dict]:
+    g = np.random.default_rng(sum(map(ord, case)))
+
+    def randn(*shape: int, scale: float = 0.02) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(g.standard_normal(shape) * scale, dtype=np.float32))
+
+    if case == "minimal":
+        base = {"w": randn(4, 6)}
+    else:
+        base = {"enc.w": randn(16, 12), "enc.h": randn(40).half(), "enc.b": randn(3, 5).bfloat16(),
+                "scalar": randn(), "empty": randn(0, 4), "pos": torch.arange(12), "frozen": randn(7)}
+        base["tied"] = base["enc.w"]
+    sds = {}
+    for i, t in enumerate(tasks):
+        sd = {}
+        for k, v in base.items():
+            if k in ("pos", "frozen", "tied"):
+                sd[k] = v.clone()
+            else:
+                keep = torch.from_numpy(np.asarray(g.random(tuple(v.shape)) < 0.5))
+                delta = randn(*v.shape, scale=0.01) * keep
+                sd[k] = (v.float() + delta).to(v.dtype)
+        if case == "roles":
+            sd["tied"] = sd["enc.w"]
+            sd["head"] = randn(2 + i, 12)            # per_task: a head of a different shape per task
+            sd["steps"] = torch.tensor([100 * (i + 1)])  # per_task: an integer buffer that differs
+        sds[t] = sd
+    if case == "roles":
+        base["steps"] = torch.tensor([0])
+    return base, sds
+
+
+def _flatten(prefix: str, sd: dict) -> dict:
+    out = {}
+    for k, v in sd.items():
+        out[f"{prefix}/{k}"] = v.clone()  # safetensors refuses shared storage; ties are re-made on load
+    return out
+
+
+def load_inputs(case: str) -> tuple[dict, dict]:
+    """The checked-in inputs of a case, with tied tensors tied again as in the originals."""
+    flat = load_file(str(ROOT / "golden" / f"{case}.inputs.safetensors"))
+    tasks = CASES[case]["tasks"]
+    base = {k.split("/", 1)[1]: v for k, v in flat.items() if k.startswith("base/")}
+    sds = {t: {k.split("/", 1)[1]: v for k, v in flat.items() if k.startswith(f"{t}/")} for t in tasks}
+    for sd in (base, *sds.values()):
+        if "tied" in sd:
+            sd["tied"] = sd["enc.w"]
+    return base, sds
+
+
+def expected(path: Path) -> dict:
+    out = {}
+    with tallfmt.open(path) as zoo:
+        for t in zoo.tasks:
+            for k, v in zoo.decode(t).items():
+                out[f"task/{t}/{k}"] = v.clone()
+            for k, role in zoo.roles.items():
+                if role == "masked":
+                    out[f"mask/{t}/{k}"] = zoo.mask(t, k).to(torch.uint8)
+        for label, method, params in (("zeroshot", "zeroshot", {}), ("task_arithmetic", "task_arithmetic", {"alpha": 0.5}),
+                                      ("consensus", "consensus", {"k": 2, "alpha": 0.5})):
+            for k, v in zoo.merge(method, **params).items():
+                out[f"merge/{label}/{k}"] = v.clone()
+        out["agreement"] = zoo.agreement()
+    return out
+
+
+def main() -> None:
+    out = ROOT / "golden"
+    out.mkdir(exist_ok=True)
+    for case, spec in CASES.items():
+        base, sds = _inputs(case, spec["tasks"])
+        flat = _flatten("base", base)
+        for t, sd in sds.items():
+            flat.update(_flatten(t, sd))
+        save_file(flat, str(out / f"{case}.inputs.safetensors"))
+        base, sds = load_inputs(case)
+        tallfmt.encode(base, sds, out / f"{case}.tall", **spec["options"])
+        save_file(expected(out / f"{case}.tall"), str(out / f"{case}.expected.safetensors"))
+    (out / "cases.json").write_text(json.dumps(CASES, indent=2) + "\n")
+    total = sum(p.stat().st_size for p in out.iterdir())
+    print(f"wrote {len(CASES)} cases to {out} ({total:,} bytes)")
+
+
+if __name__ == "__main__":
+    main()
