@@ -183,12 +183,18 @@ class _Encoder:
         for s in range(0, n, self.chunk):
             yield s, min(n, s + self.chunk)
 
-    def _f32(self, flat: torch.Tensor, s: int, e: int, ck: Checkpoint, name: str) -> torch.Tensor:
-        x = flat[s:e].to(self.device, dtype=torch.float32)
-        if not bool(torch.isfinite(x).all()):
-            raise InputError(f"{ck.source}: tensor {name!r} holds NaN or Inf values")
-        return x
+    def _f32(self, flat: torch.Tensor, s: int, e: int) -> torch.Tensor:
+        return flat[s:e].to(self.device, dtype=torch.float32)
 
+    def _check_chunk(self, probe: torch.Tensor, inputs: list[torch.Tensor], name: str) -> None:
+        """NaN/Inf check at the cost of one reduction: any NaN or Inf in θ0 or a θ_t makes Σ_t τ_t
+        non-finite. Only then is each input checked, to name the culprit (a merely overflowing sum
+        of finite values passes)."""
+        if bool(torch.isfinite(probe.sum())):
+            return
+        for ck, x in zip((self.base, *self.cks), inputs):
+            if not bool(torch.isfinite(x).all()):
+                raise InputError(f"{ck.source}: tensor {name!r} holds NaN or Inf values")
 
     # --- roles ------------------------------------------------------------------------------------
     def refine(self, plans: list[_Plan]) -> None:
@@ -266,13 +272,15 @@ class _Encoder:
         packed = [np.empty((n + 7) // 8, dtype=np.uint8) for _ in self.tasks]
         lams = [self.lambdas.get(t) for t in self.tasks]
         for s, e in self._chunks(n):
-            theta0 = self._f32(b, s, e, self.base, p.name)
-            thetas = [self._f32(f, s, e, ck, p.name) for f, ck in zip(flats, self.cks)]
+            theta0 = self._f32(b, s, e)
+            thetas = [self._f32(f, s, e) for f in flats]
             taus = [maskmath.task_vector(th, theta0) for th in thetas]
             if self.merge == "ties":
                 tau_mtl = maskmath.ties_merge(taus, ties_thr, agg=self.ties_agg)
+                self._check_chunk(maskmath.task_arithmetic(taus), [theta0, *thetas], p.name)
             else:
                 tau_mtl = maskmath.task_arithmetic(taus)
+                self._check_chunk(tau_mtl, [theta0, *thetas], p.name)
             # θ̂ where a mask bit is set, rounded to the tensor's dtype once (what decode returns).
             full = (theta0 + tau_mtl).to(dt.torch).to(torch.float32)
             for t in range(len(self.tasks)):
@@ -388,8 +396,10 @@ def _checkpoint_bytes(ck: Checkpoint) -> int:
     return total
 
 
-def _write_item(writer: ContainerWriter, enc: _Encoder, ck: Checkpoint, name: str, codec: str) -> Item:
-    enc.check_finite(ck, name)
+def _write_item(writer: ContainerWriter, enc: _Encoder, ck: Checkpoint, name: str, codec: str,
+                check: bool = True) -> Item:
+    if check:
+        enc.check_finite(ck, name)
     dt, shape = ck.info(name)
     d = dtypes.by_name(dt)
     arr = dtypes.to_numpy(ck.get(name).contiguous())
@@ -404,7 +414,7 @@ def _write_tensor(writer: ContainerWriter, enc: _Encoder, p: _Plan, ties_thr, ma
         items = tuple(_write_item(writer, enc, ck, p.name, codec) if p.name in names else None
                       for ck, names in zip(enc.cks, enc.task_names_sets))
         return TensorEntry(p.name, "per_task", base_item=base_item, task_items=items)
-    item = _write_item(writer, enc, enc.base, p.name, codec)
+    item = _write_item(writer, enc, enc.base, p.name, codec, check=p.role == "shared")
     if p.role == "shared":
         return TensorEntry(p.name, "shared", item.dtype, item.shape, data=item.data)
     tau, packed = enc.encode_masked(p, ties_thr, mag_thr)

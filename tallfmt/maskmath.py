@@ -607,7 +607,7 @@ def _f64(x: object, name: str) -> Tensor:
 
 
 class TaskStats:
-    """Per-task statistics accumulated over chunks, in float64 (see issue 3: what users lose).
+    """Per-task statistics accumulated over chunks (see issue 3: what users lose).
 
     `update(theta_hat, theta_t, tau_t, tau_mtl, mask)` per chunk: θ̂_t (already rounded by the caller
     to the original dtype), θ_t (original dtype), τ_t and τ_MTL (float32) and the bool mask m_t.
@@ -631,22 +631,26 @@ class TaskStats:
         self.total = 0
 
     def update(self, theta_hat: Tensor, theta_t: Tensor, tau_t: Tensor, tau_mtl: Tensor, mask: Tensor) -> None:
-        """Add one chunk (all five tensors of the same shape)."""
-        th = _f64(theta_hat, "theta_hat")
-        tt = _f64(theta_t, "theta_t")
+        """Add one chunk (all five tensors of the same shape).
+
+        A chunk's sums are float32 dot products (BLAS speed; the statistics are informative, a relative
+        error of about 1e-6 per chunk is immaterial); chunks accumulate in float64.
+        """
+        th = _f32(theta_hat, "theta_hat")
+        tt = _f32(theta_t, "theta_t")
         tau = _f32(tau_t, "tau_t")
         mtl = _f32(tau_mtl, "tau_mtl")
         m = _bool(mask, "mask")
         for name, x in (("theta_t", tt), ("tau_t", tau), ("tau_mtl", mtl), ("mask", m)):
             _same_shape(name, x, "theta_hat", th)
-        err = th - tt
-        tau64 = tau.double()
-        masked = torch.where(m, mtl, 0.0).double()
+        err = (th - tt).reshape(-1)
+        tau = tau.reshape(-1)
+        masked = (mtl * m).reshape(-1)
         part = torch.stack([
-            torch.sum(err * err),
-            torch.sum(tau64 * tau64),
-            torch.sum(masked * tau64),
-            torch.sum(masked * masked),
+            torch.dot(err, err).double(),
+            torch.dot(tau, tau).double(),
+            torch.dot(masked, tau).double(),
+            torch.dot(masked, masked).double(),
             m.sum().double(),  # exact as float64 up to 2**53 entries
         ])
         self._sums = part if self._sums is None else self._sums.add_(part.to(self._sums.device))
