@@ -64,14 +64,18 @@ def _zstd_compress(data: Buffer, level: int) -> bytes:
     return zstandard.ZstdCompressor(level=level, write_content_size=True).compress(_as_bytes_view(data))
 
 
-def _zstd_decompress(data: Buffer, decoded_length: int, what: str = "zstd frame") -> bytes:
-    view = _as_bytes_view(data)
+def _check_content_size(view: memoryview, decoded_length: int, what: str) -> None:
     try:
         size = zstandard.frame_content_size(view)
     except zstandard.ZstdError as exc:
         raise FormatError(f"{what}: not a zstd frame ({exc})") from None
     if size != decoded_length:
         raise FormatError(f"{what}: frame declares {size} decoded bytes, header says {decoded_length}")
+
+
+def _zstd_decompress(data: Buffer, decoded_length: int, what: str = "zstd frame") -> bytes:
+    view = _as_bytes_view(data)
+    _check_content_size(view, decoded_length, what)
     try:
         out = zstandard.ZstdDecompressor().decompress(view, allow_extra_data=False)
     except zstandard.ZstdError as exc:
@@ -129,6 +133,10 @@ class BytePlaneZstdCodec:
             raise FormatError(
                 f"byteplane-zstd: plane lengths add up to {sum(lengths)}, segment holds {len(view) - table}")
         n = decoded_length // itemsize
+        pos = table
+        for k, length in enumerate(lengths):  # every frame's stated size is checked before allocating
+            _check_content_size(view[pos:pos + length], n, f"byteplane-zstd plane {k}")
+            pos += length
         out = np.empty((itemsize, n), dtype=np.uint8)
         pos = table
         for k, length in enumerate(lengths):

@@ -347,8 +347,8 @@ class _Checker:
         lam = self.num(o["lambda"], f"{where}.lambda", allow_none=True)
         stats = self.obj(o["stats"], f"{where}.stats", set(), frozenset(o["stats"]) if isinstance(o["stats"], dict) else frozenset())
         for k, s in stats.items():
-            if s is not None and (isinstance(s, bool) or not isinstance(s, (int, float))):
-                raise self.fail(f"{where}.stats.{k}", "statistics are numbers or null")
+            if s is not None and (isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s)):
+                raise self.fail(f"{where}.stats.{k}", "statistics are finite numbers or null")
         return TaskEntry(self.name(o["name"], f"{where}.name"), lam, dict(stats))
 
     def header(self, v: Any) -> Header:
@@ -436,19 +436,38 @@ def parse_header(raw: bytes, path: str = "<header>") -> Header:
     return _Checker(path, strict).header(obj)
 
 
+def segment_locations(header: Header) -> list[tuple[str, Segment]]:
+    """(where, segment) for every segment, in table order; `where` names the header field, e.g.
+    ``tensors[0] ('enc.w').masks[1]``, for error messages."""
+    out = []
+    for i, t in enumerate(header.tensors):
+        where = f"tensors[{i}] ({t.name!r})"
+        for part in ("base", "tau", "data"):
+            s = getattr(t, part)
+            if s is not None:
+                out.append((f"{where}.{part}", s))
+        out.extend((f"{where}.masks[{j}]", s) for j, s in enumerate(t.masks))
+        if t.base_item is not None:
+            out.append((f"{where}.base.data", t.base_item.data))
+        out.extend((f"{where}.tasks[{j}].data", it.data) for j, it in enumerate(t.task_items) if it is not None)
+    return out
+
+
 def check_layout(header: Header, file_size: int, header_offset: int, path: str) -> list[Segment]:
     """Segments must tile the data section: sorted by offset, each at align64(previous end)."""
-    segs = sorted((s for t in header.tensors for s in t.segments()), key=lambda s: s.offset)
+    located = sorted(segment_locations(header), key=lambda ws: ws[1].offset)
     pos = PREAMBLE_SIZE
-    for s in segs:
+    for where, s in located:
         if s.offset != align(pos):
             what = "overlaps the previous segment" if s.offset < pos else (
                 "is misaligned" if s.offset % ALIGN else "leaves a gap after the previous segment")
-            raise FormatError(f"{path}: segment at offset {s.offset} {what} (expected offset {align(pos)})")
+            raise FormatError(f"{path}: header {where}.offset: segment at offset {s.offset} {what} "
+                              f"(expected offset {align(pos)})")
         pos = s.offset + s.length
         if pos > file_size:
-            raise FormatError(f"{path}: segment at offset {s.offset} with {s.length} bytes runs past the "
-                              f"end of the file ({file_size} bytes)")
+            raise FormatError(f"{path}: header {where}.length: segment at offset {s.offset} with {s.length} "
+                              f"bytes runs past the end of the file ({file_size} bytes)")
+    segs = [s for _, s in located]
     if header_offset != align(pos):
         raise FormatError(f"{path}: header offset {header_offset} does not follow the last segment "
                           f"(expected {align(pos)})")
@@ -499,8 +518,10 @@ class ContainerReader:
             raise ChecksumError(f"{p}: preamble checksum mismatch (the first 64 bytes are damaged)")
         if major != MAJOR:
             raise FormatError(f"{p}: format major version {major} is not supported (this reader reads {MAJOR})")
-        if flags != 0 or any(pre[48:]):
-            raise FormatError(f"{p}: preamble reserved bytes are not zero")
+        if flags != 0:
+            raise FormatError(f"{p}: preamble flags are {flags:#x}, must be 0")
+        if any(pre[48:]):
+            raise FormatError(f"{p}: preamble reserved bytes (48..64) are not zero")
         if h_len > MAX_HEADER_BYTES:
             raise LimitError(f"{p}: header length {h_len} is over the {MAX_HEADER_BYTES}-byte limit")
         if h_off < PREAMBLE_SIZE or h_off % ALIGN or h_off + h_len != size:
@@ -516,6 +537,7 @@ class ContainerReader:
                               f"[{major}, {minor}]")
         self.header_offset, self.header_length, self.file_size = h_off, h_len, size
         self.segments = check_layout(self.header, size, h_off, p)
+        self._where = {id(s): w for w, s in segment_locations(self.header)}
         self._mm = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
         self._check_padding()
 
@@ -534,8 +556,13 @@ class ContainerReader:
             raise InputError(f"{self.path}: the archive is closed")
         view = memoryview(self._mm)[seg.offset:seg.offset + seg.length]
         if checksum(view) != seg.xxh3:
-            raise ChecksumError(f"{self.path}: checksum mismatch in segment at offset {seg.offset}")
+            view.release()
+            raise ChecksumError(f"{self.path}: {self._locate(seg)}: checksum mismatch (xxh3 of the stored "
+                                f"bytes is not {seg.xxh3})")
         return view
+
+    def _locate(self, seg: Segment) -> str:
+        return f"{self._where.get(id(seg), 'segment')} (segment at offset {seg.offset})"
 
     def read(self, seg: Segment, itemsize: int) -> Buffer:
         """The decoded bytes of a segment (zero-copy for raw segments), checksum verified first."""
@@ -544,7 +571,7 @@ class ContainerReader:
         except FormatError as exc:
             if str(exc).startswith(self.path):
                 raise
-            raise type(exc)(f"{self.path}: segment at offset {seg.offset}: {exc}") from None
+            raise type(exc)(f"{self.path}: {self._locate(seg)}, codec {seg.codec}: {exc}") from None
 
     def read_array(self, seg: Segment, dtype: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
         """A segment decoded as a numpy array of the dtype's storage type (read-only for raw segments)."""
@@ -560,8 +587,13 @@ class ContainerReader:
 
     def close(self) -> None:
         if self._mm is not None:
-            self._mm.close()
-            self._mm = None
+            mm, self._mm = self._mm, None
+            try:
+                mm.close()
+            except BufferError:
+                # views of the map are still alive (arrays of raw segments, or frames of a traceback
+                # being handled): the map is unmapped when the last of them goes
+                pass
         self._file.close()
 
     def __enter__(self) -> "ContainerReader":
