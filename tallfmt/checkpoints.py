@@ -1,0 +1,775 @@
+"""Checkpoint inputs (lazy, memory-mapped readers) and safetensors outputs (streaming, atomic writers).
+
+The encoder reads T+1 checkpoints tensor by tensor, so a reader never loads a whole checkpoint: a
+``.safetensors`` file is memory-mapped and ``get()`` returns a zero-copy view of the mapped bytes (only
+the pages that are touched are read). Writers stream: the header is written from the entries known up
+front, then each tensor's bytes as it arrives.
+
+    >>> import torch
+    >>> with open_checkpoint({"w": torch.ones(2, 3)}, label="demo") as ck:
+    ...     ck.names(), ck.info("w"), ck.source
+    (['w'], ('F32', (2, 3)), "<dict 'demo'>")
+
+Accepted sources (``open_checkpoint``): a ``.safetensors`` file; a folder holding ``model.safetensors``,
+a sharded ``model.safetensors.index.json``, exactly one ``*.safetensors`` file, or ``pytorch_model.bin``
+(tried in that order, as transformers does); a ``.bin`` / ``.pt`` / ``.pth`` torch file, loaded only with
+``torch.load(weights_only=True)``; an in-memory ``{name: torch.Tensor}`` mapping. Anything else, and any
+malformed file, raises :class:`~tallfmt.errors.InputError` naming the file and the field.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import mmap
+import os
+import pickle
+import re
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+
+from tallfmt import dtypes
+from tallfmt.container import _fsync_dir, _no_duplicate_keys
+from tallfmt.dtypes import DTYPES, DType
+from tallfmt.errors import InputError
+
+__all__ = ["Checkpoint", "open_checkpoint", "SafetensorsWriter", "save_safetensors", "save_state_dict",
+           "MAX_HEADER_BYTES"]
+
+#: safetensors' own limit on the JSON header (its reader refuses larger headers).
+MAX_HEADER_BYTES = 100_000_000
+#: numpy's limit on the number of dimensions.
+MAX_NDIM = 64
+TORCH_SUFFIXES = (".bin", ".pt", ".pth")
+SINGLE_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+_SHARD_RE = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+_T = TypeVar("_T")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Readers
+# ---------------------------------------------------------------------------------------------------
+class Checkpoint:
+    """A read-only, lazy view of one checkpoint's tensors (use :func:`open_checkpoint`).
+
+    ``source`` is what error messages name: the file path, or ``"<dict 'label'>"`` for a mapping.
+    ``metadata`` is a safetensors file's ``__metadata__`` (``None`` for other sources).
+
+        >>> import torch
+        >>> w = torch.arange(6.0).reshape(2, 3)
+        >>> ck = open_checkpoint({"w": w, "tied": w})
+        >>> ck.get("w") is w, ck.storage_key("w") == ck.storage_key("tied")
+        (True, True)
+        >>> ck.close()
+    """
+
+    source: str
+    label: str | None = None
+    metadata: dict[str, str] | None = None
+
+    def names(self) -> list[str]:
+        """Tensor names in file order (a sharded folder: index order)."""
+        raise NotImplementedError
+
+    def info(self, name: str) -> tuple[str, tuple[int, ...]]:
+        """``(safetensors dtype name, shape)`` of a tensor, without reading its data."""
+        raise NotImplementedError
+
+    def get(self, name: str) -> torch.Tensor:
+        """The tensor as a CPU tensor (a mapping's tensors: as given, on their device and with their
+        strides). Treat it as read-only. KeyError for an unknown name."""
+        raise NotImplementedError
+
+    def storage_key(self, name: str) -> object | None:
+        """A hashable key; two tensors have equal keys exactly when they are the same memory (same
+        data pointer, dtype, shape and strides): tied weights. ``None`` when the source cannot share
+        memory between tensors (safetensors files) or the tensor has no elements."""
+        return None
+
+    def close(self) -> None:
+        """Release files and mappings. Tensors already returned by ``get()`` stay valid."""
+
+    def _fail(self, msg: str) -> InputError:
+        return InputError(f"{self.source}: {msg}")
+
+    def _lookup(self, table: Mapping[str, _T], name: str) -> _T:
+        try:
+            return table[name]
+        except KeyError:
+            raise KeyError(f"{self.source}: no tensor {name!r}") from None
+
+    def __contains__(self, name: object) -> bool:
+        return name in set(self.names())
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.source}>"
+
+
+@dataclass(frozen=True)
+class _Entry:
+    dtype: DType
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+def _nbytes(shape: tuple[int, ...], itemsize: int, limit: int = 1 << 64) -> int | None:
+    """Bytes of a tensor, or None once the product passes ``limit`` (keeps hostile shapes cheap)."""
+    if 0 in shape:
+        return 0
+    n = itemsize
+    for d in shape:
+        n *= d
+        if n > limit:
+            return None
+    return n
+
+
+def _reject_constant(c: str) -> Any:
+    raise ValueError(f"{c} is not JSON")
+
+
+def _load_json(raw: bytes, fail: Any, what: str) -> dict:
+    """Strict JSON object: UTF-8, starts with '{', no duplicate keys, no NaN/Infinity."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise fail(f"{what} is not valid UTF-8 ({exc})") from None
+    if not text.startswith("{"):
+        raise fail(f"{what} must be a JSON object starting with '{{'")
+    try:
+        obj = json.loads(text, object_pairs_hook=_no_duplicate_keys, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:
+        raise fail(f"{what} is not valid JSON ({exc})") from None
+    if not isinstance(obj, dict):
+        raise fail(f"{what} is not a JSON object")
+    return obj
+
+
+def _is_uint(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _parse_header(raw: bytes, buffer_len: int, fail: Any) -> tuple[dict[str, str] | None, dict[str, _Entry], list[str]]:
+    obj = _load_json(raw, fail, "header")
+    meta = obj.pop("__metadata__", None)
+    if meta is not None:
+        if not isinstance(meta, dict):
+            raise fail("__metadata__ must be an object of strings")
+        for k, v in meta.items():
+            if not isinstance(v, str):
+                raise fail(f"__metadata__[{k!r}] is a {type(v).__name__}, not a string")
+    entries: dict[str, _Entry] = {}
+    for name, info in obj.items():
+        where = f"tensor {name!r}"
+        if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+            raise fail(f"{where}: expected an object with exactly dtype, shape and data_offsets")
+        dt, shape, offs = info["dtype"], info["shape"], info["data_offsets"]
+        if not isinstance(dt, str) or dt not in DTYPES:
+            raise fail(f"{where}: unknown dtype {dt!r} (known: {', '.join(DTYPES)})")
+        if not isinstance(shape, list) or len(shape) > MAX_NDIM or not all(_is_uint(d) for d in shape):
+            raise fail(f"{where}: shape {shape!r} is not a list of at most {MAX_NDIM} non-negative integers")
+        if not (isinstance(offs, list) and len(offs) == 2 and all(_is_uint(o) for o in offs)
+                and offs[0] <= offs[1]):
+            raise fail(f"{where}: data_offsets {offs!r} is not [begin, end] with 0 <= begin <= end")
+        d = DTYPES[dt]
+        span = offs[1] - offs[0]
+        need = _nbytes(tuple(shape), d.itemsize)
+        if need != span:
+            size = f"{need} bytes" if need is not None else "more than 2**64 bytes"
+            raise fail(f"{where}: shape {shape} of {dt} needs {size}, but data_offsets {offs} span {span}")
+        entries[name] = _Entry(d, tuple(shape), offs[0], offs[1])
+    # sorted() is stable: tensors at the same offsets (zero-size ones) keep header order
+    order = sorted(entries, key=lambda n: (entries[n].begin, entries[n].end))
+    pos = 0
+    for n in order:
+        e = entries[n]
+        if e.begin > pos:
+            raise fail(f"tensor {n!r}: hole in the data buffer: bytes [{pos}, {e.begin}) belong to no tensor")
+        if e.begin < pos:
+            raise fail(f"tensor {n!r}: data_offsets [{e.begin}, {e.end}] overlap the previous tensor, "
+                       f"which ends at {pos}")
+        if e.end > buffer_len:
+            raise fail(f"tensor {n!r}: data_offsets end {e.end} is past the {buffer_len}-byte data buffer "
+                       "(truncated file?)")
+        pos = e.end
+    if pos != buffer_len:
+        raise fail(f"data buffer is {buffer_len} bytes but the tensors end at {pos}: trailing bytes")
+    return meta, entries, order
+
+
+class _SafetensorsFile(Checkpoint):
+    """Our own mmap reader: validates everything safetensors validates, and more (see module doc)."""
+
+    def __init__(self, path: Path, label: str | None) -> None:
+        self.path, self.source, self.label = path, str(path), label
+        self._mm: mmap.mmap | None = None
+        self._u8: np.ndarray | None = None
+        try:
+            f = open(path, "rb")
+        except OSError as exc:
+            raise InputError(f"{path}: cannot open ({exc.strerror})") from None
+        with f:
+            size = os.fstat(f.fileno()).st_size
+            head = f.read(8)
+            if len(head) < 8:
+                raise self._fail(f"file is {size} bytes, too short for the 8-byte header length")
+            n = int.from_bytes(head, "little")
+            if n > MAX_HEADER_BYTES:
+                raise self._fail(f"header length {n} is over the {MAX_HEADER_BYTES}-byte limit")
+            if 8 + n > size:
+                raise self._fail(f"header length {n} runs past the end of the {size}-byte file")
+            self.metadata, self._entries, self._order = _parse_header(f.read(n), size - 8 - n, self._fail)
+            self._data_start = 8 + n
+            # ACCESS_COPY: views are writable (no torch warning) and a stray write never reaches the file
+            self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        self._u8 = np.frombuffer(self._mm, dtype=np.uint8)
+
+    def _entry(self, name: str) -> _Entry:
+        return self._lookup(self._entries, name)
+
+    def names(self) -> list[str]:
+        return list(self._order)
+
+    def info(self, name: str) -> tuple[str, tuple[int, ...]]:
+        e = self._entry(name)
+        return e.dtype.name, e.shape
+
+    def get(self, name: str) -> torch.Tensor:
+        """A zero-copy view of the mapped bytes; slicing it reads only the pages it touches. A tensor
+        whose bytes are not aligned to its itemsize in the file is copied (torch kernels assume it)."""
+        e = self._entry(name)
+        if self._u8 is None:
+            raise InputError(f"{self.source}: checkpoint is closed")
+        start = self._data_start + e.begin
+        a = self._u8[start:self._data_start + e.end]
+        if start % e.dtype.itemsize:
+            a = a.copy()
+        return dtypes.to_torch(a.view(e.dtype.storage), e.dtype).reshape(e.shape)
+
+    def close(self) -> None:
+        """Unmaps now, or - while tensors from ``get()`` still reference it - when the last one is freed."""
+        self._u8 = None
+        if self._mm is not None:
+            try:
+                self._mm.close()
+            except BufferError:
+                pass  # views still exported: the mapping lives until they are garbage-collected
+            self._mm = None
+
+
+def _shard_path(folder: Path, rel: Any, fail: Any, name: str) -> Path:
+    """The shard's path; only plain relative paths below the folder (checked lexically, so the
+    symlinks of a Hugging Face cache snapshot still work)."""
+    if not isinstance(rel, str) or not rel:
+        raise fail(f"weight_map[{name!r}] must be a non-empty file name, got {rel!r}")
+    p = PurePosixPath(rel)
+    if p.is_absolute() or ".." in p.parts or "\\" in rel or PureWindowsPath(rel).drive:
+        raise fail(f"weight_map[{name!r}]: shard path {rel!r} leaves the folder")
+    return folder / p
+
+
+def _few(names: list[str], k: int = 5) -> str:
+    shown = ", ".join(repr(n) for n in names[:k])
+    return shown + (f" and {len(names) - k} more" if len(names) > k else "")
+
+
+class _ShardedCheckpoint(Checkpoint):
+    """A Hugging Face sharded folder: ``model.safetensors.index.json`` + the shard files it names."""
+
+    def __init__(self, index: Path, label: str | None) -> None:
+        self.path, self.source, self.label = index, str(index), label
+        self._shards: dict[str, _SafetensorsFile] = {}
+        try:
+            size = index.stat().st_size
+            if size > MAX_HEADER_BYTES:
+                raise self._fail(f"index is {size} bytes, over the {MAX_HEADER_BYTES}-byte limit")
+            obj = _load_json(index.read_bytes(), self._fail, "index")
+        except OSError as exc:
+            raise InputError(f"{index}: cannot read ({exc.strerror})") from None
+        wm = obj.get("weight_map")
+        if not isinstance(wm, dict):
+            raise self._fail("index has no weight_map object {name: shard file}")
+        if not isinstance(obj.get("metadata", {}), dict):
+            raise self._fail("index metadata is not an object")
+        self._where: dict[str, str] = dict(wm)
+        try:
+            self._open_shards(index.parent)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open_shards(self, folder: Path) -> None:
+        listed: dict[str, list[str]] = {}
+        for name, rel in self._where.items():
+            if rel not in listed:
+                p = _shard_path(folder, rel, self._fail, name)
+                if not p.is_file():
+                    raise self._fail(f"weight_map[{name!r}]: shard file {rel!r} does not exist")
+                listed[rel] = []
+                self._shards[rel] = _SafetensorsFile(p, self.label)
+            listed[rel].append(name)
+        for rel, names in listed.items():
+            held = self._shards[rel]._entries
+            missing = [n for n in names if n not in held]
+            if missing:
+                raise self._fail(f"weight_map puts {len(missing)} tensor(s) in {rel!r} that it does not hold: "
+                                 f"{_few(missing)}")
+            unlisted = set(names)
+            extra = [n for n in self._shards[rel].names() if n not in unlisted]
+            if extra:
+                raise self._fail(f"shard {rel!r} holds {len(extra)} tensor(s) the weight_map does not give it: "
+                                 f"{_few(extra)}")
+
+    def _shard(self, name: str) -> _SafetensorsFile:
+        return self._shards[self._lookup(self._where, name)]
+
+    def names(self) -> list[str]:
+        return list(self._where)
+
+    def info(self, name: str) -> tuple[str, tuple[int, ...]]:
+        return self._shard(name).info(name)
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._shard(name).get(name)
+
+    def close(self) -> None:
+        for s in self._shards.values():
+            s.close()
+
+
+class _DictCheckpoint(Checkpoint):
+    """An in-memory mapping, or a torch file's loaded state dict (its tensors mmapped when possible)."""
+
+    def __init__(self, tensors: Mapping[Any, Any], source: str, label: str | None) -> None:
+        self.source, self.label = source, label
+        self._t: dict[str, torch.Tensor] = {}
+        for k, t in tensors.items():
+            if not isinstance(k, str):
+                raise InputError(f"{source}: key {k!r} is a {type(k).__name__}, not a tensor name (str)")
+            if not isinstance(t, torch.Tensor):
+                raise InputError(f"{source}: {k!r} is a {type(t).__name__}, not a torch.Tensor")
+            if t.layout != torch.strided:
+                raise InputError(f"{source}: tensor {k!r} has layout {t.layout}; only dense tensors are supported")
+            if t.is_meta:
+                raise InputError(f"{source}: tensor {k!r} is on the meta device and holds no data")
+            try:
+                dtypes.from_torch(t.dtype)
+            except KeyError:
+                raise InputError(f"{source}: tensor {k!r} has dtype {t.dtype}, which tallfmt cannot store "
+                                 f"(known: {', '.join(DTYPES)})") from None
+            self._t[k] = t
+
+    def _tensor(self, name: str) -> torch.Tensor:
+        return self._lookup(self._t, name)
+
+    def names(self) -> list[str]:
+        return list(self._t)
+
+    def info(self, name: str) -> tuple[str, tuple[int, ...]]:
+        t = self._tensor(name)
+        return dtypes.from_torch(t.dtype).name, tuple(t.shape)
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._tensor(name)
+
+    def storage_key(self, name: str) -> object | None:
+        t = self._tensor(name)
+        if t.numel() == 0:
+            return None  # empty tensors may all report data_ptr 0 without sharing anything
+        return (str(t.device), t.data_ptr(), t.dtype, tuple(t.shape), tuple(t.stride()))
+
+    def close(self) -> None:
+        self._t = {}
+
+
+def _unpickle_reason(exc: BaseException) -> str:
+    for line in str(exc).splitlines():
+        if "WeightsUnpickler error:" in line:
+            return line.split("WeightsUnpickler error:", 1)[1].split(" Please use", 1)[0].strip()
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
+def _load_torch(path: Path, label: str | None) -> _DictCheckpoint:
+    try:
+        with open(path, "rb") as f:
+            is_zip = f.read(4) == b"PK\x03\x04"
+    except OSError as exc:
+        raise InputError(f"{path}: cannot open ({exc.strerror})") from None
+    try:
+        # mmap only works for the zip format (torch >= 1.6); old files are read into memory
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
+    except pickle.UnpicklingError as exc:
+        raise InputError(f"{path}: refuses to unpickle untrusted code: the file needs more than "
+                         f"torch.load(weights_only=True) allows ({_unpickle_reason(exc)}); "
+                         "convert it to safetensors where it is trusted") from None
+    except Exception as exc:  # torch raises RuntimeError, EOFError, ... for damaged or foreign files
+        raise InputError(f"{path}: cannot load as a torch file ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+    sd = obj
+    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
+        sd = obj["state_dict"]
+    if not isinstance(sd, Mapping):
+        raise InputError(f"{path}: holds a {type(obj).__name__}, not a flat {{name: tensor}} state dict")
+    return _DictCheckpoint(sd, str(path), label)
+
+
+def _open_folder(folder: Path, label: str | None) -> Checkpoint:
+    if (folder / SINGLE_NAME).is_file():
+        return _SafetensorsFile(folder / SINGLE_NAME, label)
+    if (folder / INDEX_NAME).is_file():
+        return _ShardedCheckpoint(folder / INDEX_NAME, label)
+    found = sorted(p for p in folder.glob("*.safetensors") if p.is_file() and not p.name.startswith("."))
+    if len(found) == 1:
+        return _SafetensorsFile(found[0], label)
+    if found:
+        raise InputError(f"{folder}: holds {len(found)} .safetensors files ({_few([p.name for p in found])}) "
+                         f"but no {INDEX_NAME} saying how they form one model")
+    if (folder / "pytorch_model.bin").is_file():
+        return _load_torch(folder / "pytorch_model.bin", label)
+    extra = " (sharded pytorch_model.bin files are not supported)" if (
+        folder / "pytorch_model.bin.index.json").is_file() else ""
+    raise InputError(f"{folder}: no weights found{extra}; expected {SINGLE_NAME}, {INDEX_NAME}, "
+                     "a single *.safetensors file or pytorch_model.bin")
+
+
+def open_checkpoint(source: str | os.PathLike[str] | Mapping[str, torch.Tensor], *,
+                    label: str | None = None) -> Checkpoint:
+    """Open a checkpoint lazily; ``label`` names an in-memory mapping in error messages.
+
+        >>> import torch
+        >>> with open_checkpoint({"b": torch.zeros(3, dtype=torch.bfloat16)}, label="sst2") as ck:
+        ...     ck.info("b")
+        ('BF16', (3,))
+        >>> open_checkpoint("missing.safetensors")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        tallfmt.errors.InputError: missing.safetensors: no such file or folder; expected a .safetensors, ...
+    """
+    if isinstance(source, Mapping):
+        return _DictCheckpoint(source, f"<dict {label!r}>" if label is not None else "<dict>", label)
+    if not isinstance(source, (str, os.PathLike)):
+        raise InputError(f"a checkpoint must be a path or a {{name: torch.Tensor}} mapping, "
+                         f"got a {type(source).__name__}")
+    path = Path(source)
+    expected = "expected a .safetensors, .bin, .pt or .pth file or a model folder"
+    if path.is_dir():
+        return _open_folder(path, label)
+    if not path.exists():
+        raise InputError(f"{path}: no such file or folder; {expected}")
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        return _SafetensorsFile(path, label)
+    if suffix in TORCH_SUFFIXES:
+        return _load_torch(path, label)
+    raise InputError(f"{path}: unknown kind of file {path.suffix!r}; {expected}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Writers
+# ---------------------------------------------------------------------------------------------------
+_Spec = tuple[str, DType, tuple[int, ...]]
+
+
+def _check_entries(entries: Iterable[tuple[str, str, tuple[int, ...]]]) -> list[_Spec]:
+    out: list[_Spec] = []
+    seen: set[str] = set()
+    for ent in entries:
+        try:
+            name, dt, shape = ent
+        except (TypeError, ValueError):
+            raise InputError(f"entry {ent!r} is not (name, dtype, shape)") from None
+        if not isinstance(name, str) or name == "__metadata__" or name in seen:
+            raise InputError(f"entry name {name!r} is not a string, is reserved or repeats")
+        if not isinstance(dt, str) or dt not in DTYPES:
+            raise InputError(f"entry {name!r}: unknown dtype {dt!r} (known: {', '.join(DTYPES)})")
+        if not isinstance(shape, (tuple, list)) or len(shape) > MAX_NDIM or not all(_is_uint(d) for d in shape):
+            raise InputError(f"entry {name!r}: shape {shape!r} is not a tuple of non-negative integers")
+        seen.add(name)
+        out.append((name, DTYPES[dt], tuple(shape)))
+    return out
+
+
+def _entries_of(items: Iterable[tuple[Any, Any]]) -> list[tuple[str, str, tuple[int, ...]]]:
+    out = []
+    for k, t in items:
+        if not isinstance(t, torch.Tensor):
+            raise InputError(f"{k!r} is a {type(t).__name__}, not a torch.Tensor")
+        try:
+            dt = dtypes.from_torch(t.dtype).name
+        except KeyError:
+            raise InputError(f"tensor {k!r} has dtype {t.dtype}, which safetensors/tallfmt cannot store") from None
+        out.append((k, dt, tuple(t.shape)))
+    return out
+
+
+def _header_bytes(specs: list[_Spec], metadata: dict[str, str] | None) -> bytes:
+    """The header exactly as safetensors writes it: compact JSON, __metadata__ first, padded with
+    spaces to a multiple of 8 (so the data starts 8-aligned)."""
+    h: dict[str, Any] = {}
+    if metadata is not None:
+        h["__metadata__"] = metadata
+    pos = 0
+    for name, d, shape in specs:
+        n = math.prod(shape) * d.itemsize
+        h[name] = {"dtype": d.name, "shape": list(shape), "data_offsets": [pos, pos + n]}
+        pos += n
+    try:
+        raw = json.dumps(h, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InputError(f"a tensor name or metadata string is not valid Unicode ({exc})") from None
+    return raw + b" " * (-len(raw) % 8)
+
+
+class _AtomicFile:
+    """A temporary file beside ``path``; ``commit()`` fsyncs it and renames it over ``path``,
+    ``abort()`` removes it and leaves ``path`` as it was."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        if path.is_dir():
+            raise InputError(f"{path}: is a directory")
+        folder = path.parent
+        if not folder.is_dir():
+            raise InputError(f"{path}: folder {folder} does not exist")
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+        self.tmp_path = Path(tmp)
+        self.file = os.fdopen(fd, "wb")
+        self.done = False
+
+    def commit(self) -> None:
+        try:
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
+            os.replace(self.tmp_path, self.path)
+        except BaseException:
+            self.abort()
+            raise
+        self.done = True
+        _fsync_dir(self.path.parent)
+
+    def abort(self) -> None:
+        if not self.done:
+            self.file.close()
+            self.tmp_path.unlink(missing_ok=True)
+            self.done = True
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    f = _AtomicFile(path)
+    try:
+        f.file.write(data)
+    except BaseException:
+        f.abort()
+        raise
+    f.commit()
+
+
+class SafetensorsWriter:
+    """Streams one ``.safetensors`` file: the header from ``entries`` first, then each tensor's bytes
+    in entries order. Atomic: data goes to a temporary file beside ``path`` that ``close()`` fsyncs and
+    renames over ``path``. Any error (or leaving a ``with`` block by an exception) aborts: the temporary
+    file is removed and an existing ``path`` is left untouched. Tensors sharing memory are written as
+    separate copies. The output is byte-identical for the same inputs and loads with
+    ``safetensors.torch.load_file``.
+
+        >>> import torch, tempfile, os
+        >>> path = os.path.join(tempfile.mkdtemp(), "m.safetensors")
+        >>> with SafetensorsWriter(path, [("w", "F32", (2,)), ("n", "I64", ())]) as w:
+        ...     w.write("w", torch.tensor([1.0, 2.0]))
+        ...     w.write("n", torch.tensor(7))
+        >>> open_checkpoint(path).get("w")
+        tensor([1., 2.])
+    """
+
+    def __init__(self, path: str | os.PathLike[str], entries: list[tuple[str, str, tuple[int, ...]]],
+                 metadata: dict[str, str] | None = None) -> None:
+        self.path = Path(path)
+        self._specs = _check_entries(entries)
+        if metadata is not None and not (isinstance(metadata, Mapping) and all(
+                isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())):
+            raise InputError(f"{self.path}: metadata must map strings to strings")
+        header = _header_bytes(self._specs, dict(metadata) if metadata is not None else None)
+        if len(header) > MAX_HEADER_BYTES:
+            raise InputError(f"{self.path}: header would be {len(header)} bytes, over safetensors' "
+                             f"{MAX_HEADER_BYTES}-byte limit")
+        self._next = 0
+        self._out = _AtomicFile(self.path)
+        self._guard(self._out.file.write, len(header).to_bytes(8, "little") + header)
+
+    def _guard(self, fn: Any, *args: Any) -> Any:
+        try:
+            return fn(*args)
+        except BaseException:
+            self.abort()
+            raise
+
+    @property
+    def closed(self) -> bool:
+        return self._out.done
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Append the next tensor; its name, dtype and shape must match the next entry."""
+        self._guard(self._write, name, tensor)
+
+    def _write(self, name: str, tensor: torch.Tensor) -> None:
+        if self._out.done:
+            raise InputError(f"{self.path}: writer is closed")
+        if self._next >= len(self._specs):
+            raise InputError(f"{self.path}: got tensor {name!r} after all {len(self._specs)} entries were written")
+        want, d, shape = self._specs[self._next]
+        if name != want:
+            raise InputError(f"{self.path}: expected tensor {want!r} (entry {self._next}), got {name!r}")
+        if not isinstance(tensor, torch.Tensor) or tensor.dtype != d.torch or tuple(tensor.shape) != shape:
+            got = (f"{tensor.dtype} {tuple(tensor.shape)}" if isinstance(tensor, torch.Tensor)
+                   else type(tensor).__name__)
+            raise InputError(f"{self.path}: tensor {name!r} must be {d.torch} {shape}, got {got}")
+        self._out.file.write(memoryview(dtypes.to_numpy(tensor).reshape(-1).view(np.uint8)))
+        self._next += 1
+
+    def close(self) -> None:
+        """Check that every entry was written, fsync and rename into place (no-op once closed)."""
+        if self._out.done:
+            return
+        if self._next != len(self._specs):
+            self.abort()
+            raise InputError(f"{self.path}: only {self._next} of {len(self._specs)} tensors were written "
+                             f"(next: {self._specs[self._next][0]!r}); nothing was saved")
+        self._out.commit()
+
+    def abort(self) -> None:
+        """Remove the temporary file; ``path`` stays as it was."""
+        self._out.abort()
+
+    def __enter__(self) -> SafetensorsWriter:
+        return self
+
+    def __exit__(self, exc_type: object, *rest: object) -> None:
+        if exc_type is not None:
+            self.abort()
+        else:
+            self.close()
+
+
+def save_safetensors(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike[str],
+                     metadata: dict[str, str] | None = None) -> None:
+    """Write a state dict to one ``.safetensors`` file (atomic; tied tensors become separate copies).
+
+        >>> import torch, tempfile, os
+        >>> w = torch.ones(2)
+        >>> p = os.path.join(tempfile.mkdtemp(), "tied.safetensors")
+        >>> save_safetensors({"a": w, "b": w}, p, metadata={"format": "pt"})
+        >>> open_checkpoint(p).names()
+        ['a', 'b']
+    """
+    with SafetensorsWriter(path, _entries_of(state_dict.items()), metadata) as w:
+        for name, t in state_dict.items():
+            w.write(name, t)
+
+
+_END = object()
+
+
+def _stream(path: Path, specs: list[_Spec], it: Iterator[tuple[str, torch.Tensor]],
+            metadata: dict[str, str] | None, last: bool) -> Path:
+    with SafetensorsWriter(path, [(n, d.name, s) for n, d, s in specs], metadata) as w:
+        for name, _, _ in specs:
+            nxt = next(it, _END)
+            if nxt is _END:
+                raise InputError(f"{path}: the tensors ran out before entry {name!r}")
+            w.write(*nxt)
+        if last and next(it, _END) is not _END:
+            raise InputError(f"{path}: more tensors were given than the {len(specs)} entries")
+    return path
+
+
+def _plan_shards(specs: list[_Spec], max_shard_size: int) -> list[list[_Spec]]:
+    """Greedy in entries order, as transformers does: a new shard when the next tensor would pass
+    ``max_shard_size``; a tensor larger than that gets a shard of its own."""
+    shards: list[list[_Spec]] = [[]]
+    size = 0
+    for s in specs:
+        n = math.prod(s[2]) * s[1].itemsize
+        if shards[-1] and size + n > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(s)
+        size += n
+    return shards
+
+
+def save_state_dict(tensors: Iterable[tuple[str, torch.Tensor]] | Mapping[str, torch.Tensor],
+                    path: str | os.PathLike[str], *,
+                    entries: list[tuple[str, str, tuple[int, ...]]] | None = None,
+                    max_shard_size: int = 5 * 2**30, metadata: dict[str, str] | None = None) -> list[Path]:
+    """Stream tensors to ``path`` and return the files written.
+
+    ``path`` ending in ``.safetensors``: one file. Otherwise a folder (created if needed), HF-style:
+    ``model.safetensors`` when the tensors fit in ``max_shard_size`` bytes, else
+    ``model-00001-of-0000N.safetensors`` ... and ``model.safetensors.index.json`` (``{"metadata":
+    {"total_size": N}, "weight_map": {name: file}}``, in entries order), written last. Folder shards
+    carry ``{"format": "pt", **metadata}`` as transformers expects. Weight files of the other layout
+    left in the folder by an earlier save are removed, so the folder holds one model.
+
+    ``entries`` ((name, dtype, shape) in the order the tensors come) let an iterable be streamed one
+    tensor at a time; without them the iterable is first collected into a list.
+
+        >>> import torch, tempfile
+        >>> out = tempfile.mkdtemp()
+        >>> sd = {"a": torch.zeros(4), "b": torch.ones(4)}
+        >>> [p.name for p in save_state_dict(sd, out, max_shard_size=16)]
+        ['model-00001-of-00002.safetensors', 'model-00002-of-00002.safetensors', 'model.safetensors.index.json']
+        >>> open_checkpoint(out).names()
+        ['a', 'b']
+    """
+    if isinstance(tensors, Mapping):
+        items: Iterable[tuple[str, torch.Tensor]] = tensors.items()
+    else:
+        items = tensors if entries is not None else list(tensors)
+    specs = _check_entries(entries if entries is not None else _entries_of(items))
+    if not _is_uint(max_shard_size) or max_shard_size == 0:
+        raise InputError(f"max_shard_size must be a positive integer, got {max_shard_size!r}")
+    out = Path(path)
+    it = iter(items)
+    if out.name.endswith(".safetensors"):
+        return [_stream(out, specs, it, metadata, last=True)]
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: exists and is not a folder (name a .safetensors file or a folder)")
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"format": "pt", **(metadata or {})}
+    shards = _plan_shards(specs, max_shard_size)
+    if len(shards) == 1:
+        written = [_stream(out / SINGLE_NAME, specs, it, meta, last=True)]
+        _remove_stale(out, keep=set(), index_too=True)
+        return written
+    names = [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+    written = [_stream(out / fn, grp, it, meta, last=i == len(shards) - 1)
+               for i, (fn, grp) in enumerate(zip(names, shards))]
+    # before the index: a stale model.safetensors would be read instead of the new shards
+    (out / SINGLE_NAME).unlink(missing_ok=True)
+    index = {"metadata": {"total_size": sum(math.prod(s) * d.itemsize for _, d, s in specs)},
+             "weight_map": {n: fn for fn, grp in zip(names, shards) for n, _, _ in grp}}
+    _write_atomic(out / INDEX_NAME, (json.dumps(index, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+    _remove_stale(out, keep=set(names), index_too=False)
+    return [*written, out / INDEX_NAME]
+
+
+def _remove_stale(folder: Path, keep: set[str], index_too: bool) -> None:
+    if index_too:
+        (folder / INDEX_NAME).unlink(missing_ok=True)
+    for p in folder.iterdir():
+        if _SHARD_RE.fullmatch(p.name) and p.name not in keep:
+            p.unlink(missing_ok=True)
