@@ -637,6 +637,8 @@ class SafetensorsWriter:
             got = (f"{tensor.dtype} {tuple(tensor.shape)}" if isinstance(tensor, torch.Tensor)
                    else type(tensor).__name__)
             raise InputError(f"{self.path}: tensor {name!r} must be {d.torch} {shape}, got {got}")
+        if tensor.is_meta:
+            raise InputError(f"{self.path}: tensor {name!r} is on the meta device and holds no data")
         self._out.file.write(memoryview(dtypes.to_numpy(tensor).reshape(-1).view(np.uint8)))
         self._next += 1
 
