@@ -6,8 +6,8 @@ Bit order: element i is bit ``i % 8`` of byte ``i // 8`` (little-endian inside e
 Every public function validates lengths, dtypes and contiguity before any kernel runs, so no kernel
 reads or writes out of bounds whatever it is given; the kernels also re-check their lengths (O(1)).
 Kernels release the GIL, so threads can decode different tensors in parallel. Each kernel is compiled
-on first use for one fixed set of signatures whose arrays are typed unaligned and inputs read-only: writable,
-read-only (memory-mapped) and unaligned arrays all share that one compiled version, cached on disk.
+on first use for one fixed set of signatures (arrays typed unaligned, inputs read-only), so writable,
+read-only (memory-mapped) and unaligned arrays all share one compiled version, cached on disk.
 """
 
 from __future__ import annotations
@@ -318,7 +318,7 @@ def _vector(a: Any, name: str, dtypes: tuple[Any, ...], *, writeable: bool = Fal
         raise InputError(f"{name}: expected a 1-D array, got shape {a.shape}")
     if not any(a.dtype == np.dtype(d) for d in dtypes):
         want = " or ".join(str(np.dtype(d)) for d in dtypes)
-        raise InputError(f"{name}: expected dtype {want}, got {a.dtype.str}")
+        raise InputError(f"{name}: expected dtype {want}, got {a.dtype}")
     if not a.flags.c_contiguous:
         raise InputError(f"{name}: expected a contiguous array, got strides {a.strides}")
     if writeable and not a.flags.writeable:
@@ -363,7 +363,11 @@ def _bits_u8(bits: Any) -> tuple[np.ndarray, bool]:
 # --- public API ----------------------------------------------------------------------------------
 def pack_bits(bits: np.ndarray) -> np.ndarray:
     """Pack a 1-D bool or uint8 array (any nonzero byte is 1) of length n into ceil(n/8) bytes,
-    little-endian bit order, padding bits zero. Equals ``np.packbits(bits != 0, bitorder="little")``."""
+    little-endian bit order, padding bits zero. Equals ``np.packbits(bits != 0, bitorder="little")``.
+
+    bool arrays are taken to hold 0/1 bytes, as numpy makes them; a bool view of arbitrary bytes
+    should be passed as its uint8 view, which is normalised (slightly slower, see bench/RESULTS.md).
+    """
     src, norm = _bits_u8(bits)
     out = np.empty((src.shape[0] + 7) // 8, dtype=np.uint8)
     _pack_kernel(src, out, norm)
