@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import math
 import os
+from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -95,7 +97,10 @@ register_merge(MergeMethod(
 class Archive:
     """An open .tall archive. Use ``tallfmt.open(path)``; a context manager."""
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, *, threads: int | None = None) -> None:
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+            raise InputError(f"threads must be a positive integer, got {threads!r}")
+        self.threads = threads or min(4, os.cpu_count() or 1)
         self._reader = ContainerReader(path)
         self.path = Path(path)
         self.header: Header = self._reader.header
@@ -190,21 +195,39 @@ class Archive:
 
     def _iter(self, fn: Callable[[TensorEntry], torch.Tensor | None], device: torch.device | None
               ) -> Iterator[tuple[str, torch.Tensor]]:
-        # Only alias targets are kept after they are yielded, so memory stays at a tensor or so.
+        """Yield fn(tensor) in table order, computing up to ``threads`` tensors ahead in a thread pool
+        (the kernels, zstd and numpy release the GIL). Memory stays at a few tensors: only alias
+        targets are kept after they are yielded."""
         targets = {e.target for e in self.header.tensors if e.role == "alias"}
         kept: dict[str, torch.Tensor | None] = {}
-        for e in self.header.tensors:
-            target = self._resolve(e)
-            if target.name in kept:
-                t = kept[target.name]
-            else:
-                t = fn(target)
-                if t is not None and device is not None:
-                    t = t.to(device)
+
+        def run(e: TensorEntry) -> torch.Tensor | None:
+            t = fn(e)
+            return t.to(device) if t is not None and device is not None else t
+
+        with ThreadPoolExecutor(max_workers=self.threads) as pool:
+            pending: deque[tuple[TensorEntry, Future | None]] = deque()
+            entries = iter(self.header.tensors)
+            while True:
+                while len(pending) <= self.threads:
+                    e = next(entries, None)
+                    if e is None:
+                        break
+                    pending.append((e, None if e.role == "alias" else pool.submit(run, e)))
+                if not pending:
+                    return
+                e, fut = pending.popleft()
+                target = self._resolve(e)
+                if fut is not None:
+                    t = fut.result()
+                elif target.name in kept:
+                    t = kept[target.name]
+                else:  # an alias listed before its target
+                    t = run(target)
                 if target.name in targets:
                     kept[target.name] = t
-            if t is not None:
-                yield e.name, t
+                if t is not None:
+                    yield e.name, t
 
     def iter_decode(self, task: str, *, device: str | torch.device | None = None
                     ) -> Iterator[tuple[str, torch.Tensor]]:
@@ -355,10 +378,12 @@ class Archive:
         return f"<tallfmt.Archive {str(self.path)!r}: {len(self.tasks)} tasks, {len(self._entries)} tensors>"
 
 
-def open(path: str | os.PathLike) -> Archive:  # noqa: A001 - tallfmt.open, like safetensors.safe_open
+def open(path: str | os.PathLike, *, threads: int | None = None) -> Archive:  # noqa: A001 - like safe_open
     """Open a .tall archive (validates the header, memory-maps the data; tensors are read lazily).
+
+    ``threads``: tensors decoded ahead in parallel by iter_decode/decode/merge (default: up to 4).
 
         >>> with tallfmt.open("zoo.tall") as zoo:                # doctest: +SKIP
         ...     print(zoo.tasks)
     """
-    return Archive(path)
+    return Archive(path, threads=threads)
