@@ -17,7 +17,7 @@ import math
 import time
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,6 +77,77 @@ def _codec_for(codec: str, itemsize: int) -> str:
     return "byteplane-zstd" if itemsize > 1 else "zstd"
 
 
+@dataclass(frozen=True)
+class EncodeOptions:
+    """encode()'s checked options, in one picklable value (sharded encodes ship it to workers).
+
+        >>> EncodeOptions.check(task_names=["a"], merge="ties").encoding()["merge"]
+        {'method': 'ties', 'density': 0.2, 'agg': 'sum', 'scope': 'global'}
+    """
+
+    merge: str
+    lambdas: dict[str, float]
+    ties_density: float
+    ties_agg: str
+    ties_scope: str
+    mask_method: str
+    mask_density: float
+    mask_scope: str
+    codec: str
+    device: str
+    mismatch: str
+    metadata: dict[str, str]
+    chunk: int
+
+    @classmethod
+    def check(cls, *, task_names: list[str], merge: str = "task_arithmetic",
+              lambdas: float | Mapping[str, float] = 0.4, ties_density: float = 0.2, ties_agg: str = "sum",
+              ties_scope: str = "global", mask_method: str = "tall", mask_density: float = 0.1,
+              mask_scope: str = "global", codec: str = DEFAULT_CODEC, device: str | torch.device | None = None,
+              mismatch: str = "error", metadata: Mapping[str, str] | None = None,
+              chunk_size: int = DEFAULT_CHUNK) -> EncodeOptions:
+        """Validate encode()'s keyword arguments (InputError naming the bad one)."""
+        _check_choice("merge", merge, ("task_arithmetic", "ties"))
+        _check_choice("mask_method", mask_method, ("tall", "magnitude"))
+        _check_choice("ties_agg", ties_agg, ("sum", "mean"))
+        _check_choice("ties_scope", ties_scope, ("global", "per_tensor"))
+        _check_choice("mask_scope", mask_scope, ("global", "per_tensor"))
+        _check_choice("mismatch", mismatch, ("error", "per_task"))
+        if codec != "auto":
+            _check_choice("codec", codec, tuple(CODECS))
+        ties_density = _check_fraction("ties_density", ties_density)
+        mask_density = _check_fraction("mask_density", mask_density)
+        lams = _check_lambdas(lambdas, task_names) if mask_method == "tall" else {}
+        if not isinstance(chunk_size, int) or chunk_size < 8:
+            raise InputError(f"chunk_size must be an integer >= 8, got {chunk_size!r}")
+        meta = dict(metadata or {})
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+            raise InputError("metadata must map strings to strings")
+        dev = str(torch.device(device)) if device is not None else "cpu"
+        return cls(merge, lams, ties_density, ties_agg, ties_scope, mask_method, mask_density, mask_scope,
+                   codec, dev, mismatch, meta, chunk_size // 8 * 8)
+
+    @property
+    def global_ties(self) -> bool:
+        """TIES trim with one threshold per task over all masked tensors (needs a data pass first)."""
+        return self.merge == "ties" and self.ties_scope == "global"
+
+    @property
+    def global_magnitude(self) -> bool:
+        """Magnitude masks with one threshold per task over all masked tensors."""
+        return self.mask_method == "magnitude" and self.mask_scope == "global"
+
+    def encoding(self) -> dict[str, Any]:
+        """The header's ``encoding`` object (FORMAT.md §1.2)."""
+        encoding: dict[str, Any] = {"merge": {"method": self.merge}, "mask": {"method": self.mask_method},
+                                    "compute_dtype": "F32", "bit_order": "little"}
+        if self.merge == "ties":
+            encoding["merge"].update(density=self.ties_density, agg=self.ties_agg, scope=self.ties_scope)
+        if self.mask_method == "magnitude":
+            encoding["mask"].update(density=self.mask_density, scope=self.mask_scope)
+        return encoding
+
+
 # ----------------------------------------------------------------------------------------------
 # Planning: which role each tensor gets
 
@@ -128,6 +199,23 @@ def _plan_metadata(base: Checkpoint, cks: list[Checkpoint], task_names: list[str
             f"tensors differ in presence, dtype or shape between the base and the tasks: {_describe(bad)}; "
             f"pass mismatch='per_task' (CLI: --mismatch per_task) to store them per task")
     return plans
+
+
+def _find_aliases(plans: list[_Plan], base: Checkpoint, cks: list[Checkpoint]) -> None:
+    """Mark `common` tensors that share storage with an earlier one in every checkpoint as aliases.
+
+    Metadata only (storage keys), so a sharded encode's driver can keep aliases with their targets.
+    """
+    by_key: dict[tuple, str] = {}
+    for p in plans:
+        if p.role != "common":
+            continue
+        keys = tuple(ck.storage_key(p.name) for ck in (base, *cks))
+        if all(k is not None for k in keys):
+            if keys in by_key:
+                p.role, p.target = "alias", by_key[keys]
+            else:
+                by_key[keys] = p.name
 
 
 # ----------------------------------------------------------------------------------------------
@@ -199,16 +287,14 @@ class _Encoder:
     # --- roles ------------------------------------------------------------------------------------
     def refine(self, plans: list[_Plan]) -> None:
         """Split `common` tensors into alias / shared / masked / per_task by looking at the bytes."""
-        by_key: dict[tuple, str] = {}
+        _find_aliases(plans, self.base, self.cks)
+        self.decide_roles(plans)
+
+    def decide_roles(self, plans: list[_Plan]) -> None:
+        """Roles of the `common` tensors that are not aliases: shared / masked / per_task (reads bytes)."""
         for p in plans:
             if p.role != "common":
                 continue
-            keys = tuple(ck.storage_key(p.name) for ck in (self.base, *self.cks))
-            if all(k is not None for k in keys) and keys in by_key:
-                p.role, p.target = "alias", by_key[keys]
-                continue
-            if all(k is not None for k in keys):
-                by_key[keys] = p.name
             b = self.base.get(p.name)
             same = all(_equal_bytes(b, ck.get(p.name)) for ck in self.cks)
             p.role = "shared" if same else ("masked" if p.dtype in dtypes.MASKABLE else "per_task")
@@ -310,7 +396,7 @@ def encode(base: Any, tasks: Mapping[str, Any], path: str | Path, *, merge: str 
     ``ties_scope``). ``mask_method`` "tall" (eq. 5 with ``lambdas``) or "magnitude" (top
     ``mask_density`` of |τ_t|). ``mismatch="per_task"`` stores tensors whose presence, dtype or shape
     differ between checkpoints per task instead of refusing them. ``progress(n)`` is called with the
-    number of elements processed.
+    number of tensors written.
 
         >>> report = encode("base.safetensors", {"a": "a.safetensors", "b": "b.safetensors"},
         ...                 "zoo.tall", lambdas={"a": 0.3, "b": 0.5})                    # doctest: +SKIP
@@ -325,57 +411,60 @@ def encode(base: Any, tasks: Mapping[str, Any], path: str | Path, *, merge: str 
     for t in task_names:
         if not isinstance(t, str) or not t or len(t.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
             raise InputError(f"task names must be non-empty strings of at most {MAX_NAME_BYTES} bytes, got {t!r}")
-    _check_choice("merge", merge, ("task_arithmetic", "ties"))
-    _check_choice("mask_method", mask_method, ("tall", "magnitude"))
-    _check_choice("ties_agg", ties_agg, ("sum", "mean"))
-    _check_choice("ties_scope", ties_scope, ("global", "per_tensor"))
-    _check_choice("mask_scope", mask_scope, ("global", "per_tensor"))
-    _check_choice("mismatch", mismatch, ("error", "per_task"))
-    if codec != "auto":
-        _check_choice("codec", codec, tuple(CODECS))
-    ties_density = _check_fraction("ties_density", ties_density)
-    mask_density = _check_fraction("mask_density", mask_density)
-    lams = _check_lambdas(lambdas, task_names) if mask_method == "tall" else {}
-    if not isinstance(chunk_size, int) or chunk_size < 8:
-        raise InputError(f"chunk_size must be an integer >= 8, got {chunk_size!r}")
-    meta = dict(metadata or {})
-    if not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
-        raise InputError("metadata must map strings to strings")
-    dev = torch.device(device) if device is not None else torch.device("cpu")
-
+    opts = EncodeOptions.check(task_names=task_names, merge=merge, lambdas=lambdas, ties_density=ties_density,
+                               ties_agg=ties_agg, ties_scope=ties_scope, mask_method=mask_method,
+                               mask_density=mask_density, mask_scope=mask_scope, codec=codec, device=device,
+                               mismatch=mismatch, metadata=metadata, chunk_size=chunk_size)
     with ExitStack() as stack:
-        base_ck = stack.enter_context(open_checkpoint(base, label="base"))
-        cks = [stack.enter_context(open_checkpoint(tasks[t], label=t)) for t in task_names]
-        plans = _plan_metadata(base_ck, cks, task_names, mismatch)
-        enc = _Encoder(base_ck, cks, task_names, merge=merge, lambdas=lams, ties_density=ties_density,
-                       ties_agg=ties_agg, ties_scope=ties_scope, mask_method=mask_method,
-                       mask_density=mask_density, mask_scope=mask_scope, codec=codec, device=dev,
-                       chunk=chunk_size // 8 * 8, progress=progress)
+        enc = stack.enter_context(_open_encoder(base, tasks, opts, progress))
+        plans = _plan_metadata(enc.base, enc.cks, task_names, opts.mismatch)
         enc.refine(plans)
         masked = [p for p in plans if p.role == "masked"]
         ties_thr = mag_thr = None
-        if merge == "ties" and ties_scope == "global":
-            ties_thr = enc.global_thresholds(masked, ties_density)
-        if mask_method == "magnitude" and mask_scope == "global":
-            mag_thr = enc.global_thresholds(masked, mask_density)
+        if opts.global_ties:
+            ties_thr = enc.global_thresholds(masked, opts.ties_density)
+        if opts.global_magnitude:
+            mag_thr = enc.global_thresholds(masked, opts.mask_density)
+        input_bytes = sum(_checkpoint_bytes(ck) for ck in (enc.base, *enc.cks))
+        final, entries, task_entries = _write_archive(enc, plans, path, ties_thr, mag_thr, opts, overwrite,
+                                                      progress)
 
-        entries: list[TensorEntry] = []
-        writer = stack.enter_context(ContainerWriter(path, overwrite=overwrite))
-        input_bytes = sum(_checkpoint_bytes(ck) for ck in (base_ck, *cks))
+    roles, role_bytes, params = _role_summary(entries)
+    return EncodeReport(final, task_names, roles, role_bytes, params, input_bytes, final.stat().st_size,
+                        {t.name: dict(t.stats) for t in task_entries}, time.perf_counter() - t0)
+
+
+@contextmanager
+def _open_encoder(base: Any, tasks: Mapping[str, Any], opts: EncodeOptions,
+                  progress: ProgressFn | None = None) -> Iterator[_Encoder]:
+    """Open θ0 and the task checkpoints (lazily, memory-mapped) and an _Encoder over them."""
+    with ExitStack() as stack:
+        base_ck = stack.enter_context(open_checkpoint(base, label="base"))
+        cks = [stack.enter_context(open_checkpoint(tasks[t], label=t)) for t in tasks]
+        yield _Encoder(base_ck, cks, list(tasks), merge=opts.merge, lambdas=opts.lambdas,
+                       ties_density=opts.ties_density, ties_agg=opts.ties_agg, ties_scope=opts.ties_scope,
+                       mask_method=opts.mask_method, mask_density=opts.mask_density, mask_scope=opts.mask_scope,
+                       codec=opts.codec, device=torch.device(opts.device), chunk=opts.chunk, progress=progress)
+
+
+def _write_archive(enc: _Encoder, plans: list[_Plan], path: str | Path, ties_thr: torch.Tensor | None,
+                   mag_thr: torch.Tensor | None, opts: EncodeOptions, overwrite: bool,
+                   progress: ProgressFn | None) -> tuple[Path, list[TensorEntry], tuple[TaskEntry, ...]]:
+    """Write ``plans`` (roles decided) as one .tall file: the whole archive, or one shard of it."""
+    entries: list[TensorEntry] = []
+    with ContainerWriter(path, overwrite=overwrite) as writer:
         for p in plans:
-            entries.append(_write_tensor(writer, enc, p, ties_thr, mag_thr, codec))
+            entries.append(_write_tensor(writer, enc, p, ties_thr, mag_thr, opts.codec))
             if progress is not None:
                 progress(1)
-        encoding = {"merge": {"method": merge}, "mask": {"method": mask_method},
-                    "compute_dtype": "F32", "bit_order": "little"}
-        if merge == "ties":
-            encoding["merge"].update(density=ties_density, agg=ties_agg, scope=ties_scope)
-        if mask_method == "magnitude":
-            encoding["mask"].update(density=mask_density, scope=mask_scope)
-        task_entries = tuple(TaskEntry(t, lams.get(t), enc.stats[i].result()) for i, t in enumerate(task_names))
-        header = Header(task_entries, encoding, tuple(entries), meta)
-        final = writer.finish(header)
+        task_entries = tuple(TaskEntry(t, opts.lambdas.get(t), enc.stats[i].result())
+                             for i, t in enumerate(enc.tasks))
+        final = writer.finish(Header(task_entries, opts.encoding(), tuple(entries), dict(opts.metadata)))
+    return final, entries, task_entries
 
+
+def _role_summary(entries: list[TensorEntry]) -> tuple[dict[str, int], dict[str, int], dict[str, int]]:
+    """EncodeReport's roles, role_bytes and params of a list of tensor entries."""
     roles: dict[str, int] = {}
     role_bytes: dict[str, int] = {}
     params: dict[str, int] = {}
@@ -384,8 +473,7 @@ def encode(base: Any, tasks: Mapping[str, Any], path: str | Path, *, merge: str 
         role_bytes[e.role] = role_bytes.get(e.role, 0) + sum(s.length for s in e.segments())
         if e.role in ("masked", "shared"):
             params[e.role] = params.get(e.role, 0) + e.numel
-    return EncodeReport(final, task_names, roles, role_bytes, params, input_bytes, final.stat().st_size,
-                        {t.name: dict(t.stats) for t in task_entries}, time.perf_counter() - t0)
+    return roles, role_bytes, params
 
 
 def _checkpoint_bytes(ck: Checkpoint) -> int:
