@@ -347,7 +347,6 @@ class _Encoder:
                       ) -> tuple[np.ndarray, list[np.ndarray]]:
         """τ_MTL (float32) and one packed mask per task for one tensor, chunk by chunk."""
         n = math.prod(p.shape)
-        dt = dtypes.by_name(p.dtype)
         if self.merge == "ties" and self.ties_scope == "per_tensor":
             ties_thr = self.tensor_thresholds(p.name, n, self.ties_density)
         if self.mask_method == "magnitude" and self.mask_scope == "per_tensor":
@@ -367,18 +366,20 @@ class _Encoder:
             else:
                 tau_mtl = maskmath.task_arithmetic(taus)
                 self._check_chunk(tau_mtl, [theta0, *thetas], p.name)
-            # θ̂ where a mask bit is set, rounded to the tensor's dtype once (what decode returns).
-            full = (theta0 + tau_mtl).to(dt.torch).to(torch.float32)
+            tau_cpu = tau_mtl.to("cpu").numpy()
+            theta0_st = dtypes.to_numpy(b[s:e])
             for t in range(len(self.tasks)):
                 if self.mask_method == "tall":
                     m = maskmath.tall_mask(taus[t], tau_mtl, lams[t])
                 else:
                     m = maskmath.magnitude_mask(taus[t], mag_thr[t])
-                theta_hat = torch.where(m, full, theta0)
-                self.stats[t].update(theta_hat=theta_hat, theta_t=thetas[t], tau_t=taus[t],
-                                     tau_mtl=tau_mtl, mask=m)
-                kernels.pack_bits_into(m.to("cpu").numpy(), packed[t][s // 8:(e + 7) // 8])
-            tau_out[s:e] = tau_mtl.to("cpu").numpy()
+                bits = packed[t][s // 8:(e + 7) // 8]
+                kernels.pack_bits_into(m.to("cpu").numpy(), bits)
+                # What users lose, measured on θ̂ exactly as decode will produce it.
+                sums = np.zeros(5)
+                kernels.mask_stats(theta0_st, dtypes.to_numpy(flats[t][s:e]), tau_cpu, bits, sums, dtype=p.dtype)
+                self.stats[t].add(sums, e - s)
+            tau_out[s:e] = tau_cpu
         return tau_out, packed
 
 

@@ -19,6 +19,7 @@ from typing import Protocol
 import numpy as np
 import zstandard
 
+from tallfmt import kernels
 from tallfmt.errors import FormatError, InputError
 
 #: Largest ratio decoded/stored any valid zstd frame can reach (a 128 KiB RLE block costs 4 bytes);
@@ -117,8 +118,8 @@ class BytePlaneZstdCodec:
         view = np.frombuffer(_as_bytes_view(data), dtype=np.uint8)
         if itemsize < 1 or len(view) % itemsize:
             raise InputError(f"byteplane-zstd: {len(view)} bytes is not a whole number of {itemsize}-byte items")
-        planes = view.reshape(-1, itemsize).T
-        frames = [_zstd_compress(np.ascontiguousarray(p), self.level) for p in planes]
+        planes = kernels.split_planes(view, itemsize)
+        frames = [_zstd_compress(p, self.level) for p in planes]
         return struct.pack(f"<{itemsize}Q", *map(len, frames)) + b"".join(frames)
 
     def decode(self, data: Buffer, decoded_length: int, itemsize: int) -> Buffer:
@@ -143,7 +144,7 @@ class BytePlaneZstdCodec:
             plane = _zstd_decompress(view[pos:pos + length], n, what=f"byteplane-zstd plane {k}")
             out[k] = np.frombuffer(plane, dtype=np.uint8)
             pos += length
-        return np.ascontiguousarray(out.T).reshape(-1)
+        return kernels.merge_planes(out)
 
 
 CODECS: dict[str, Codec] = {c.id: c for c in (RawCodec(), ZstdCodec(), BytePlaneZstdCodec())}

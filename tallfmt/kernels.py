@@ -29,7 +29,7 @@ from tallfmt.dtypes import by_name
 from tallfmt.errors import FormatError, InputError
 
 __all__ = ["pack_bits", "pack_bits_into", "unpack_bits", "padding_ok", "popcount", "decode_masked",
-           "add_bits", "DECODE_DTYPES"]
+           "add_bits", "mask_stats", "split_planes", "merge_planes", "DECODE_DTYPES"]
 
 #: dtypes decode_masked handles (safetensors names).
 DECODE_DTYPES = ("F32", "F16", "BF16")
@@ -471,4 +471,136 @@ def decode_masked(base: np.ndarray, tau: np.ndarray, packed: np.ndarray, out: np
     bits = np.uint32 if dtype == "F32" else np.uint16
     kind = {"F32": _F32, "BF16": _BF16, "F16": _F16}[dtype]
     _decode_kernel(b.view(bits), t, p, o.view(bits), kind)
+    return o
+
+
+# --- encode-time statistics ----------------------------------------------------------------------
+@njit(inline="always")
+def _to_f32(b: Any, kind: int) -> Any:
+    b = _u32(b)
+    if kind == _F32:
+        return _bits_f32(b)
+    if kind == _BF16:
+        return _bits_f32(b << _u32(16))
+    return _f16_to_f32(np.uint16(b))
+
+
+@_kernel(*[types.void(_arr(s, True), _arr(s, True), _arr(types.float32, True), _RO_U8,
+                      _arr(types.float64, False), types.int64) for s in (types.uint32, types.uint16)])
+def _mask_stats_kernel(base: np.ndarray, theta: np.ndarray, tau: np.ndarray, packed: np.ndarray,
+                       sums: np.ndarray, kind: int) -> None:
+    """sums += [Σ(θ̂−θ)², Σ τ_t², Σ (m∘τ_MTL)·τ_t, Σ (m∘τ_MTL)², Σ m] with θ̂ the decoded value."""
+    n = _U(base.shape[0])
+    if _U(theta.shape[0]) != n or _U(tau.shape[0]) != n or _U(packed.shape[0]) != (n + _U(7)) // _U(8) \
+            or sums.shape[0] != 5:
+        raise ValueError("mask stats kernel: lengths")
+    err2 = tau2 = dot = masked2 = kept = 0.0
+    for i in range(n):  # sequential float64 sums: the same result on every CPU
+        i = _U(i)
+        bit = (_U(packed[i >> _U(3)]) >> (i & _U(7))) & _U(1)
+        b = _to_f32(base[i], kind)
+        th = _to_f32(theta[i], kind)
+        hat = _to_f32(_decode_elem(base[i], tau[i], bit, kind), kind)
+        tau_t = np.float64(th - b)  # the float32 task vector of FORMAT.md §4.1, widened
+        mt = np.float64(tau[i]) * np.float64(bit)
+        err = np.float64(hat) - np.float64(th)
+        err2 += err * err
+        tau2 += tau_t * tau_t
+        dot += mt * tau_t
+        masked2 += mt * mt
+        kept += np.float64(bit)
+    sums[0] += err2
+    sums[1] += tau2
+    sums[2] += dot
+    sums[3] += masked2
+    sums[4] += kept
+
+
+def mask_stats(base: np.ndarray, theta: np.ndarray, tau: np.ndarray, packed: np.ndarray, sums: np.ndarray, *,
+               dtype: str) -> None:
+    """Add one chunk's encode-time statistics of one task into ``sums`` (float64[5]).
+
+    ``base``/``theta``: θ0 and θ_t in ``dtype``'s storage ("F32"/"F16"/"BF16"), ``tau`` τ_MTL float32,
+    ``packed`` the task's mask bits. θ̂ is computed exactly as decode_masked does, so the recorded
+    error is the error users get. Sums run sequentially in float64 so they are bit-identical on
+    every machine (the header, and so the file, must not depend on the CPU).
+    """
+    if dtype not in DECODE_DTYPES:
+        raise InputError(f"dtype: expected one of {', '.join(DECODE_DTYPES)}, got {dtype!r}")
+    storage = by_name(dtype).storage
+    b = _vector(base, "base", (storage,))
+    th = _vector(theta, "theta", (storage,))
+    t = _vector(tau, "tau", (np.float32,))
+    n = b.shape[0]
+    if th.shape[0] != n or t.shape[0] != n:
+        raise InputError(f"theta/tau: expected length {n} (as base), got {th.shape[0]}/{t.shape[0]}")
+    p = _packed_len(packed, n)
+    s = _vector(sums, "sums", (np.float64,), writeable=True)
+    if s.shape[0] != 5:
+        raise InputError(f"sums: expected 5 float64, got {s.shape[0]}")
+    bits = np.uint32 if dtype == "F32" else np.uint16
+    kind = {"F32": _F32, "BF16": _BF16, "F16": _F16}[dtype]
+    _mask_stats_kernel(b.view(bits), th.view(bits), t, p, s, kind)
+
+
+# --- byte planes (the byteplane-zstd codec) ------------------------------------------------------
+@_kernel(types.void(_RO_U8, _RW_U8, types.int64, types.boolean))
+def _planes_kernel(src: np.ndarray, out: np.ndarray, size: int, split: bool) -> None:
+    """split: out[j*m + i] = src[i*size + j]; else the inverse (m = len/size elements)."""
+    total = src.shape[0]
+    if out.shape[0] != total or size < 1 or total % size:
+        raise ValueError("planes kernel: lengths")
+    m = total // size
+    if size == 4 and split:  # whole-word loads and byte stores: LLVM vectorises these loops
+        for i in range(m):
+            v = _u32(src[4 * i]) | (_u32(src[4 * i + 1]) << _u32(8)) | (_u32(src[4 * i + 2]) << _u32(16)) \
+                | (_u32(src[4 * i + 3]) << _u32(24))
+            out[i] = np.uint8(v)
+            out[m + i] = np.uint8(v >> _u32(8))
+            out[2 * m + i] = np.uint8(v >> _u32(16))
+            out[3 * m + i] = np.uint8(v >> _u32(24))
+    elif size == 4:
+        for i in range(m):
+            out[4 * i] = src[i]
+            out[4 * i + 1] = src[m + i]
+            out[4 * i + 2] = src[2 * m + i]
+            out[4 * i + 3] = src[3 * m + i]
+    elif size == 2 and split:
+        for i in range(m):
+            out[i] = src[2 * i]
+            out[m + i] = src[2 * i + 1]
+    elif size == 2:
+        for i in range(m):
+            out[2 * i] = src[i]
+            out[2 * i + 1] = src[m + i]
+    elif split:
+        for j in range(size):
+            for i in range(m):
+                out[j * m + i] = src[i * size + j]
+    else:
+        for i in range(m):
+            for j in range(size):
+                out[i * size + j] = src[j * m + i]
+
+
+def split_planes(data: np.ndarray, itemsize: int) -> np.ndarray:
+    """uint8 bytes of m elements of ``itemsize`` bytes → itemsize×m planes (plane j = byte j of each)."""
+    d = _vector(data, "data", (np.uint8,))
+    if itemsize < 1 or d.shape[0] % itemsize:
+        raise InputError(f"split_planes: {d.shape[0]} bytes is not a whole number of {itemsize}-byte items")
+    out = np.empty(d.shape[0], dtype=np.uint8)
+    _planes_kernel(d, out, itemsize, True)
+    return out.reshape(itemsize, -1)
+
+
+def merge_planes(planes: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """Inverse of split_planes: an itemsize×m uint8 array → the m elements' bytes (into ``out``)."""
+    if not isinstance(planes, np.ndarray) or planes.ndim != 2 or planes.dtype != np.uint8 \
+            or not planes.flags.c_contiguous:
+        raise InputError("merge_planes: expected a contiguous 2-D uint8 array of planes")
+    flat = planes.reshape(-1)
+    o = np.empty(flat.shape[0], dtype=np.uint8) if out is None else _vector(out, "out", (np.uint8,), writeable=True)
+    if o.shape[0] != flat.shape[0]:
+        raise InputError(f"merge_planes: out holds {o.shape[0]} bytes, planes {flat.shape[0]}")
+    _planes_kernel(flat, o, planes.shape[0], False)
     return o

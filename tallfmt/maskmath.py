@@ -609,9 +609,9 @@ def _f64(x: object, name: str) -> Tensor:
 class TaskStats:
     """Per-task statistics accumulated over chunks (see issue 3: what users lose).
 
-    `update(theta_hat, theta_t, tau_t, tau_mtl, mask)` per chunk: θ̂_t (already rounded by the caller
-    to the original dtype), θ_t (original dtype), τ_t and τ_MTL (float32) and the bool mask m_t.
-    It adds ‖θ̂_t − θ_t‖², ‖τ_t‖², ⟨m_t∘τ_MTL, τ_t⟩, ‖m_t∘τ_MTL‖² and the kept count. `result()`:
+    `add(sums, count)` per chunk adds ‖θ̂_t − θ_t‖², ‖τ_t‖², ⟨m_t∘τ_MTL, τ_t⟩, ‖m_t∘τ_MTL‖² and the
+    kept count (float64; `tallfmt.kernels.mask_stats` computes them on the CPU from the values decode
+    returns, in a fixed order, so the recorded statistics are the same on every machine). `result()`:
 
     * mask_density = kept / entries (None when no entries),
     * rel_error = ‖θ̂_t − θ_t‖ / ‖τ_t‖ (None when ‖τ_t‖ = 0),
@@ -620,41 +620,23 @@ class TaskStats:
     Partial accumulators (other chunks or workers) combine with `merge`.
 
     >>> s = TaskStats()
-    >>> tau = torch.tensor([1.0, 0.0]); mtl = torch.tensor([1.0, 3.0]); m = torch.tensor([True, False])
-    >>> s.update(theta_hat=tau, theta_t=tau, tau_t=tau, tau_mtl=mtl, mask=m)
+    >>> s.add([0.0, 1.0, 1.0, 1.0, 1.0], 2)   # err², τ², dot, masked², kept over 2 entries
     >>> s.result()
     {'mask_density': 0.5, 'rel_error': 0.0, 'cosine': 1.0}
     """
 
     def __init__(self) -> None:
-        self._sums: Tensor | None = None  # [err², tau², dot, masked², kept] as float64 on the data's device
+        self._sums: Tensor | None = None  # [err², tau², dot, masked², kept] as float64
         self.total = 0
 
-    def update(self, theta_hat: Tensor, theta_t: Tensor, tau_t: Tensor, tau_mtl: Tensor, mask: Tensor) -> None:
-        """Add one chunk (all five tensors of the same shape).
-
-        A chunk's sums are float32 dot products (BLAS speed; the statistics are informative, a relative
-        error of about 1e-6 per chunk is immaterial); chunks accumulate in float64.
-        """
-        th = _f32(theta_hat, "theta_hat")
-        tt = _f32(theta_t, "theta_t")
-        tau = _f32(tau_t, "tau_t")
-        mtl = _f32(tau_mtl, "tau_mtl")
-        m = _bool(mask, "mask")
-        for name, x in (("theta_t", tt), ("tau_t", tau), ("tau_mtl", mtl), ("mask", m)):
-            _same_shape(name, x, "theta_hat", th)
-        err = (th - tt).reshape(-1)
-        tau = tau.reshape(-1)
-        masked = (mtl * m).reshape(-1)
-        part = torch.stack([
-            torch.dot(err, err).double(),
-            torch.dot(tau, tau).double(),
-            torch.dot(masked, tau).double(),
-            torch.dot(masked, masked).double(),
-            m.sum().double(),  # exact as float64 up to 2**53 entries
-        ])
+    def add(self, sums: Sequence[float], count: int) -> None:
+        """Add one chunk's sums [Σ(θ̂−θ)², Σ τ_t², Σ (m∘τ_MTL)·τ_t, Σ (m∘τ_MTL)², kept] over ``count``
+        entries (``tallfmt.kernels.mask_stats`` computes them from the decoded values)."""
+        part = torch.tensor([float(x) for x in sums], dtype=torch.float64)
+        if part.shape != (5,) or count < 0:
+            raise InputError(f"TaskStats.add: expected 5 sums and a count >= 0, got {len(part)} and {count}")
         self._sums = part if self._sums is None else self._sums.add_(part.to(self._sums.device))
-        self.total += th.numel()
+        self.total += int(count)
 
     def merge(self, other: TaskStats) -> TaskStats:
         """Add another accumulator's sums into this one."""
