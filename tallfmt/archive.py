@@ -28,6 +28,7 @@ from tallfmt import dtypes, kernels, maskmath
 from tallfmt.checkpoints import save_state_dict
 from tallfmt.container import ContainerReader, Header, Item, Segment, TensorEntry
 from tallfmt.errors import FormatError, InputError
+from tallfmt.sharded import ShardIndex, open_layout
 
 
 def _writable(arr: np.ndarray) -> np.ndarray:
@@ -95,15 +96,24 @@ register_merge(MergeMethod(
 
 
 class Archive:
-    """An open .tall archive. Use ``tallfmt.open(path)``; a context manager."""
+    """An open .tall archive — one file, or a sharded folder (FORMAT.md §9) read as one table of
+    tensors. Use ``tallfmt.open(path)``; a context manager.
+
+    ``shards`` are the open files (one for a single file); each tensor is read from the shard that
+    holds it. ``index`` is the sharded archive's parsed ``tall.index.json`` (None for a single file).
+    """
 
     def __init__(self, path: str | os.PathLike, *, threads: int | None = None) -> None:
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
             raise InputError(f"threads must be a positive integer, got {threads!r}")
         self.threads = threads or min(4, os.cpu_count() or 1)
-        self._reader = ContainerReader(path)
-        self.path = Path(path)
-        self.header: Header = self._reader.header
+        layout = open_layout(path)
+        self.path = layout.path  # the file, or a sharded archive's index
+        self.header: Header = layout.header
+        self.index: ShardIndex | None = layout.index
+        self.shards: list[ContainerReader] = layout.readers
+        self._reader_of = layout.reader_of  # tensor name -> shard; None: one shard holds all
+        self._index_bytes = layout.index_bytes
         self._entries = {t.name: t for t in self.header.tensors}
         self._task_index = {t: i for i, t in enumerate(self.header.task_names)}
 
@@ -151,26 +161,35 @@ class Archive:
         return self._entries[e.target] if e.role == "alias" else e
 
     # --- low-level reads ------------------------------------------------------------------------
-    def _array(self, seg: Segment, dtype: str) -> np.ndarray:
-        return self._reader.read_array(seg, dtype)
+    def _shard(self, e: TensorEntry | None) -> ContainerReader:
+        if self._reader_of is None:
+            return self.shards[0]
+        if e is None:
+            raise InputError(f"{self.path}: a sharded archive needs the tensor to find a segment's shard")
+        return self._reader_of[e.name]
 
-    def _item_tensor(self, item: Item) -> torch.Tensor:
+    def _array(self, e: TensorEntry | None, seg: Segment, dtype: str) -> np.ndarray:
+        """Segment ``seg`` of tensor ``e``, read from the shard holding ``e``."""
+        return self._shard(e).read_array(seg, dtype)
+
+    def _item_tensor(self, item: Item, e: TensorEntry | None = None) -> torch.Tensor:
+        """A stored copy (``e``: its tensor row; may be left out when there is one shard)."""
         d = dtypes.by_name(item.dtype)
-        return dtypes.to_torch(_writable(self._array(item.data, item.dtype)).reshape(item.shape), d)
+        return dtypes.to_torch(_writable(self._array(e, item.data, item.dtype)).reshape(item.shape), d)
 
     def _packed(self, e: TensorEntry, i: int) -> np.ndarray:
-        packed = self._array(e.masks[i], "U8")
+        packed = self._array(e, e.masks[i], "U8")
         if not kernels.padding_ok(packed, e.numel):
-            raise FormatError(f"{self.path}: tensor {e.name!r}, task {self.tasks[i]!r}: mask padding bits "
-                              f"are not zero")
+            raise FormatError(f"{self._shard(e).path}: tensor {e.name!r}, task {self.tasks[i]!r}: mask padding "
+                              f"bits are not zero")
         return packed
 
     def _theta0_f32(self, e: TensorEntry, device: torch.device) -> torch.Tensor:
         d = dtypes.by_name(e.dtype)
-        return dtypes.to_torch(self._array(e.base, e.dtype), d).to(device, dtype=torch.float32)
+        return dtypes.to_torch(self._array(e, e.base, e.dtype), d).to(device, dtype=torch.float32)
 
     def _tau(self, e: TensorEntry, device: torch.device) -> torch.Tensor:
-        return torch.from_numpy(_writable(self._array(e.tau, "F32"))).to(device)
+        return torch.from_numpy(_writable(self._array(e, e.tau, "F32"))).to(device)
 
     def _counts(self, e: TensorEntry) -> np.ndarray:
         counts = np.zeros(e.numel, dtype=np.uint16)
@@ -182,15 +201,15 @@ class Archive:
     def _decode_entry(self, e: TensorEntry, i: int | None) -> torch.Tensor | None:
         """Tensor `e` of task i (None: θ0), or None when that checkpoint does not have it."""
         if e.role == "shared":
-            return self._item_tensor(Item(e.dtype, e.shape, e.data))
+            return self._item_tensor(Item(e.dtype, e.shape, e.data), e)
         if e.role == "per_task":
             item = e.base_item if i is None else e.task_items[i]
-            return None if item is None else self._item_tensor(item)
+            return None if item is None else self._item_tensor(item, e)
         d = dtypes.by_name(e.dtype)
-        base = self._array(e.base, e.dtype)
+        base = self._array(e, e.base, e.dtype)
         if i is None:
             return dtypes.to_torch(_writable(base).reshape(e.shape), d)
-        out = kernels.decode_masked(base, self._array(e.tau, "F32"), self._packed(e, i), dtype=e.dtype)
+        out = kernels.decode_masked(base, self._array(e, e.tau, "F32"), self._packed(e, i), dtype=e.dtype)
         return dtypes.to_torch(out.reshape(e.shape), d)
 
     def _iter(self, fn: Callable[[TensorEntry], torch.Tensor | None], device: torch.device | None
@@ -344,8 +363,11 @@ class Archive:
         return total
 
     def verify(self) -> None:
-        """Check every checksum, decode every segment and check mask padding; FormatError if damaged."""
-        self._reader.verify()
+        """Check every checksum, decode every segment and check mask padding, in every shard;
+        FormatError naming the damaged file. (A sharded archive's index and shard headers were
+        checked against each other on open.)"""
+        for shard in self.shards:
+            shard.verify()
         for e in self.header.tensors:
             for i in range(len(e.masks)):
                 self._packed(e, i)
@@ -360,13 +382,15 @@ class Archive:
                 parts["masks"] += sum(m.length for m in e.masks)
             elif e.role in ("shared", "per_task"):
                 parts[e.role] += sum(s.length for s in e.segments())
-        parts["header"] = self._reader.header_length + 64
-        parts["total"] = self._reader.file_size
+        # a sharded archive: every shard's preamble and header, and the index, count as "header"
+        parts["header"] = sum(r.header_length + 64 for r in self.shards) + self._index_bytes
+        parts["total"] = sum(r.file_size for r in self.shards) + self._index_bytes
         parts["padding"] = parts["total"] - sum(v for k, v in parts.items() if k != "total")
         return parts
 
     def close(self) -> None:
-        self._reader.close()
+        for shard in self.shards:
+            shard.close()
 
     def __enter__(self) -> "Archive":
         return self
@@ -375,15 +399,21 @@ class Archive:
         self.close()
 
     def __repr__(self) -> str:
-        return f"<tallfmt.Archive {str(self.path)!r}: {len(self.tasks)} tasks, {len(self._entries)} tensors>"
+        shards = f", {len(self.shards)} shards" if self.index is not None else ""
+        return f"<tallfmt.Archive {str(self.path)!r}: {len(self.tasks)} tasks, {len(self._entries)} tensors{shards}>"
 
 
 def open(path: str | os.PathLike, *, threads: int | None = None) -> Archive:  # noqa: A001 - like safe_open
     """Open a .tall archive (validates the header, memory-maps the data; tensors are read lazily).
 
+    ``path``: a .tall file, or a sharded archive's ``tall.index.json`` or the folder holding it
+    (every shard is opened and checked against the index; FORMAT.md §9).
+
     ``threads``: tensors decoded ahead in parallel by iter_decode/decode/merge (default: up to 4).
 
         >>> with tallfmt.open("zoo.tall") as zoo:                # doctest: +SKIP
         ...     print(zoo.tasks)
+        >>> with tallfmt.open("zoo/") as zoo:                    # doctest: +SKIP
+        ...     zoo.verify()
     """
     return Archive(path, threads=threads)

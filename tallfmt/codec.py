@@ -388,7 +388,8 @@ def encode(base: Any, tasks: Mapping[str, Any], path: str | Path, *, merge: str 
            ties_scope: str = "global", mask_method: str = "tall", mask_density: float = 0.1,
            mask_scope: str = "global", codec: str = DEFAULT_CODEC, device: str | torch.device | None = None,
            mismatch: str = "error", metadata: Mapping[str, str] | None = None, overwrite: bool = True,
-           chunk_size: int = DEFAULT_CHUNK, progress: ProgressFn | None = None) -> EncodeReport:
+           chunk_size: int = DEFAULT_CHUNK, progress: ProgressFn | None = None, shards: int | None = None,
+           max_shard_size: int | None = None, scheduler: Any = None, retries: int = 3) -> EncodeReport:
     """Encode θ0 and T fine-tunes of it into one .tall archive at ``path``.
 
     ``base`` and each task source: a .safetensors file, a HF folder (model.safetensors or a sharded
@@ -399,9 +400,15 @@ def encode(base: Any, tasks: Mapping[str, Any], path: str | Path, *, merge: str 
     differ between checkpoints per task instead of refusing them. ``progress(n)`` is called with the
     number of tensors written.
 
+    ``shards=N`` or ``max_shard_size=BYTES`` make ``path`` a folder of shard files plus
+    ``tall.index.json`` (FORMAT.md §9, see :mod:`tallfmt.sharded`); ``scheduler`` (a
+    ``dask.distributed.Client`` or a scheduler address) runs the per-shard work on a Dask cluster,
+    retrying a failed task up to ``retries`` times. The decoded models are the same bit for bit.
+
         >>> report = encode("base.safetensors", {"a": "a.safetensors", "b": "b.safetensors"},
         ...                 "zoo.tall", lambdas={"a": 0.3, "b": 0.5})                    # doctest: +SKIP
         >>> print(report.ratio)                                                          # doctest: +SKIP
+        >>> encode("base.safetensors", {"a": "a.safetensors"}, "zoo/", shards=4)         # doctest: +SKIP
     """
     t0 = time.perf_counter()
     if not isinstance(tasks, Mapping) or not tasks:
@@ -416,6 +423,12 @@ def encode(base: Any, tasks: Mapping[str, Any], path: str | Path, *, merge: str 
                                ties_agg=ties_agg, ties_scope=ties_scope, mask_method=mask_method,
                                mask_density=mask_density, mask_scope=mask_scope, codec=codec, device=device,
                                mismatch=mismatch, metadata=metadata, chunk_size=chunk_size)
+    if shards is not None or max_shard_size is not None or scheduler is not None:
+        from tallfmt.sharded import encode_sharded  # sharded imports this module
+
+        return encode_sharded(base, tasks, path, opts, shards=shards, max_shard_size=max_shard_size,
+                              scheduler=scheduler, retries=retries, overwrite=overwrite, progress=progress)
+
     with ExitStack() as stack:
         enc = stack.enter_context(_open_encoder(base, tasks, opts, progress))
         plans = _plan_metadata(enc.base, enc.cks, task_names, opts.mismatch)
