@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from tallfmt import __version__
-from tallfmt.errors import FormatError, TallError
+from tallfmt.errors import TallError
 
 if TYPE_CHECKING:  # torch-heavy modules load only when a command needs them
     from tallfmt.archive import Archive
@@ -134,25 +134,10 @@ def text_table(rows: list[list[str]], align: str) -> list[str]:
             for r in rows]
 
 
-@contextmanager
-def _open(path: str | Path) -> Iterator[Archive]:
-    """tallfmt.open as a context manager that lets the original error through.
-
-    A failed segment read leaves memoryviews of the archive's map alive in the traceback, and closing
-    the map then raises BufferError, which would replace the real error; the map is freed with them.
-    """
+def _open(path: str | Path) -> Archive:
     import tallfmt
 
-    zoo = tallfmt.open(path)
-    try:
-        yield zoo
-    except BaseException:
-        try:
-            zoo.close()
-        except BufferError:
-            pass
-        raise
-    zoo.close()
+    return tallfmt.open(path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -451,7 +436,7 @@ def encode(base: str, finetunes: tuple[str, ...], output: str, names: tuple[str,
 
 
 @cli.command()
-@click.argument("archive", type=click.Path(dir_okay=False))
+@click.argument("archive", type=click.Path(exists=False))
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def info(archive: str, as_json: bool) -> None:
     """Tasks, tensor roles, bytes per part and compression ratios of ARCHIVE."""
@@ -496,7 +481,7 @@ def _written(files: list[Path]) -> str:
 
 
 @cli.command()
-@click.argument("archive", type=click.Path(dir_okay=False))
+@click.argument("archive", type=click.Path(exists=False))
 @click.argument("task")
 @click.option("-o", "--output", required=True, type=click.Path(),
               help="A .safetensors file, or a folder (HF-style, sharded above --max-shard-size).")
@@ -515,7 +500,7 @@ def decode(archive: str, task: str, output: str, max_shard_size: str, force: boo
 
 
 @cli.command()
-@click.argument("archive", type=click.Path(dir_okay=False))
+@click.argument("archive", type=click.Path(exists=False))
 @click.option("--method", type=click.Choice(MERGE_CHOICES), default="consensus", show_default=True,
               help="consensus: θ0 + α·(1{Σ m_t ≥ k} ∘ τ_MTL); task_arithmetic: θ0 + α·τ_MTL; zeroshot: θ0.")
 @click.option("--k", type=click.IntRange(min=0), default=None, help="consensus: minimum number of masks [2].")
@@ -541,59 +526,37 @@ def merge(archive: str, method: str, k: int | None, alpha: float | None, output:
     _say(f"{method}{f' ({desc})' if desc else ''}: wrote {_written(files)}")
 
 
-def _segment_owner(zoo: Archive, seg: Any) -> str:
-    """Which tensor (and which part of it) a segment holds, for error messages."""
-    for e in zoo.header.tensors:
-        if seg is e.base or seg is e.data:
-            return f"tensor {e.name!r} ({'θ0' if e.role == 'masked' else 'data'})"
-        if seg is e.tau:
-            return f"tensor {e.name!r} (τ_MTL)"
-        for t, m in zip(zoo.tasks, e.masks):
-            if seg is m:
-                return f"tensor {e.name!r} (mask of task {t!r})"
-        if e.base_item is not None and seg is e.base_item.data:
-            return f"tensor {e.name!r} (θ0's copy)"
-        for t, it in zip(zoo.tasks, e.task_items):
-            if it is not None and seg is it.data:
-                return f"tensor {e.name!r} (task {t!r}'s copy)"
-    return "an unknown segment"
+def _counted_read(read: Callable[..., Any], update: Callable[[int], None]) -> Callable[..., Any]:
+    def counted(seg: Any, itemsize: int) -> Any:
+        out = read(seg, itemsize)
+        update(seg.length)
+        return out
+    return counted
 
 
 @cli.command()
-@click.argument("archive", type=click.Path(dir_okay=False))
+@click.argument("archive", type=click.Path(exists=False))
 def verify(archive: str) -> None:
     """Check ARCHIVE's header, every segment's checksum and contents, and every mask; exit 1 if damaged."""
     with _open(archive) as zoo:
         segments = [s for e in zoo.header.tensors for s in e.segments()]
         stored = sum(s.length for s in segments)
         masks = sum(m.length for e in zoo.header.tensors for m in e.masks)  # read twice: checksum, padding
-        # The reader checks one segment per read(): watching it drives the bar and names a damaged segment.
-        reader = zoo._reader
-        current: list[Any] = [None]
+        # Archive.verify has no progress hook: counting each shard's segment reads drives the bar.
         with progress(stored + masks, "verify", unit="B") as update:
-            inner = reader.read
-
-            def read(seg: Any, itemsize: int) -> Any:
-                current[0] = seg
-                out = inner(seg, itemsize)
-                update(seg.length)
-                return out
-
-            reader.read = read
+            for shard in zoo.shards:
+                shard.read = _counted_read(shard.read, update)
             try:
                 zoo.verify()
-            except FormatError as exc:
-                named = current[0] is None or "tensor " in str(exc)
-                where = "" if named else f" [{_segment_owner(zoo, current[0])}]"
-                raise type(exc)(f"{exc}{where}") from exc
             finally:
-                del reader.read
+                for shard in zoo.shards:
+                    del shard.read
     _say(f"{archive}: OK — header, {len(segments):,} segments ({human_bytes(stored)}) and "
          f"{len(zoo.tasks)} tasks' masks checked")
 
 
 @cli.command()
-@click.argument("archive", type=click.Path(dir_okay=False))
+@click.argument("archive", type=click.Path(exists=False))
 @click.option("--plot", "plot", type=click.Path(dir_okay=False), default=None,
               help="Also write a PNG: the agreement histogram and per-task mask density (needs matplotlib).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
