@@ -183,6 +183,7 @@ def summary(zoo: Archive) -> dict[str, Any]:
         "path": str(zoo.path),
         "format_version": list(header.version),
         "num_tasks": T,
+        "shards": len(zoo.shards) if zoo.index is not None else None,
         "tasks": tasks,
         "encoding": header.encoding,
         "roles": roles,
@@ -214,8 +215,9 @@ def format_summary(s: dict[str, Any]) -> str:
     mask = enc["mask"]["method"] + ("" if enc["mask"]["method"] != "magnitude" else
                                     f" (density {enc['mask']['density']}, {enc['mask']['scope']})")
     total = s["bytes"]["total"]
+    shards = f", {s['shards']} shards" if s["shards"] else ""
     out = [f"{s['path']}: {human_bytes(total)}, tallfmt format {'.'.join(map(str, s['format_version']))}, "
-           f"{T} task{'s' if T != 1 else ''}",
+           f"{T} task{'s' if T != 1 else ''}{shards}",
            f"τ_MTL: {merge}; masks: {mask}", ""]
     rows = [["task", "λ", "mask density", "rel error", "cosine"]]
     rows += [[t["name"], _num(t["lambda"], ".2f"), _pct(t["mask_density"]), _num(t["rel_error"]),
@@ -376,7 +378,8 @@ def _count_tensors(source: str) -> int | None:
 @cli.command()
 @click.argument("base")
 @click.argument("finetunes", nargs=-1, required=True, metavar="FT [FT ...]")
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="The .tall file to write.")
+@click.option("-o", "--output", required=True, type=click.Path(),
+              help="The .tall file to write (a folder with --shards/--max-shard-size).")
 @click.option("--name", "names", multiple=True,
               help="Task name, once per FT in order (default: each file's stem or folder's name).")
 @click.option("--merge", type=click.Choice(["task_arithmetic", "ties"]), default="task_arithmetic",
@@ -398,11 +401,15 @@ def _count_tensors(source: str) -> int | None:
 @click.option("--mismatch", type=click.Choice(["error", "per_task"]), default="error", show_default=True,
               help="Tensors whose presence/dtype/shape differ between checkpoints: refuse, or store per task.")
 @click.option("--metadata", "metadata", multiple=True, metavar="KEY=VALUE", help="Free metadata, repeatable.")
+@click.option("--shards", type=click.IntRange(min=1), default=None,
+              help="Write a sharded archive: OUTPUT becomes a folder of N shard files + tall.index.json.")
+@click.option("--max-shard-size", default=None, help="Sharded archive: shards of at most this size, e.g. 2GB.")
+@click.option("--scheduler", default=None, help="Sharded archive: a Dask scheduler address to run the shards on.")
 @click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
 def encode(base: str, finetunes: tuple[str, ...], output: str, names: tuple[str, ...], merge: str,
            ties_density: float, ties_agg: str, ties_scope: str, lambdas: tuple[str, ...], mask_method: str,
            mask_density: float, codec: str, device: str | None, mismatch: str, metadata: tuple[str, ...],
-           force: bool) -> None:
+           shards: int | None, max_shard_size: str | None, scheduler: str | None, force: bool) -> None:
     """Encode BASE (θ0) and its fine-tunes FT ... into one .tall archive.
 
     Each of BASE and FT is a .safetensors file, a folder with model.safetensors or a sharded
@@ -419,6 +426,7 @@ def encode(base: str, finetunes: tuple[str, ...], output: str, names: tuple[str,
         raise CommandError(f"{out} exists; pass --force to overwrite it")
     lam = _parse_lambdas(lambdas, tasks)
     meta = _parse_metadata(metadata)
+    shard_size = parse_size(max_shard_size) if max_shard_size is not None else None
     import tallfmt
 
     total = _count_tensors(base) if sys.stderr.isatty() and not _settings().quiet else None
@@ -427,7 +435,7 @@ def encode(base: str, finetunes: tuple[str, ...], output: str, names: tuple[str,
                                 ties_density=ties_density, ties_agg=ties_agg, ties_scope=ties_scope,
                                 mask_method=mask_method, mask_density=mask_density, codec=codec,
                                 device=device, mismatch=mismatch, metadata=meta, overwrite=force,
-                                progress=update)
+                                progress=update, shards=shards, max_shard_size=shard_size, scheduler=scheduler)
     roles = ", ".join(f"{n} {r}" for r, n in report.roles.items())
     _say(f"{report.path}: {len(report.tasks)} tasks ({', '.join(report.tasks)}), {roles} tensors")
     _say(f"{human_bytes(report.input_bytes)} of checkpoints → {human_bytes(report.archive_bytes)} "

@@ -129,6 +129,21 @@ def test_encode_mismatch_is_one_line_then_per_task(zoo: Path, tmp_path: Path) ->
     assert info["raw_collection"]["bytes"] == raw  # the head's one copy counts at its raw size
 
 
+def test_sharded_archive_info_verify_decode(zoo: Path, tmp_path: Path) -> None:
+    run("encode", str(zoo / "base.safetensors"), *(str(zoo / f"{t}.safetensors") for t in TASKS), "-o", "zoo",
+        "--shards", "2", cwd=tmp_path)
+    files = sorted(p.name for p in (tmp_path / "zoo").iterdir())
+    assert files == ["model-00001-of-00002.tall", "model-00002-of-00002.tall", "tall.index.json"]
+    s = json.loads(run("info", "zoo", "--json", cwd=tmp_path).stdout)
+    assert s["shards"] == 2 and s["bytes"]["total"] == sum(p.stat().st_size for p in (tmp_path / "zoo").iterdir())
+    assert "OK" in run("verify", "zoo", cwd=tmp_path).stdout
+    run("decode", "zoo", "qqp", "-o", "qqp.safetensors", cwd=tmp_path)
+    with tallfmt.open(zoo / "zoo.tall") as z:
+        want = z.decode("qqp")
+    got = load_file(str(tmp_path / "qqp.safetensors"))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
 def test_usage_errors_exit_2(zoo: Path) -> None:
     proc = run("encode", "base.safetensors", "sst2.safetensors", "mnli.safetensors", "-o", "x.tall",
                "--name", "a", cwd=zoo, ok=False)
@@ -147,7 +162,7 @@ def test_usage_errors_exit_2(zoo: Path) -> None:
 def test_info_json_has_every_field_and_consistent_arithmetic(zoo: Path) -> None:
     s = json.loads(run("info", "zoo.tall", "--json", cwd=zoo).stdout)
     T = len(TASKS)
-    assert s["num_tasks"] == T and [t["name"] for t in s["tasks"]] == list(TASKS)
+    assert s["num_tasks"] == T and [t["name"] for t in s["tasks"]] == list(TASKS) and s["shards"] is None
     for t in s["tasks"]:
         assert set(t) == {"name", "lambda", "mask_density", "rel_error", "cosine"}
         assert 0 < t["mask_density"] <= 1 and t["rel_error"] >= 0 and -1 <= t["cosine"] <= 1
