@@ -108,14 +108,26 @@ class ShardIndex:
 
     def to_bytes(self) -> bytes:
         """The index file: indented JSON whose last member is the checksum of the bytes before it."""
-        text = json.dumps(self.to_json(), indent=2, ensure_ascii=False, allow_nan=False)
-        assert text.endswith("\n}")
-        body = (text[:-2] + ",\n  ").encode("utf-8")
-        return body + f'"checksum": "{xxhash.xxh3_64_hexdigest(body)}"\n}}\n'.encode()
+        return seal_index(json.dumps(self.to_json(), indent=2, ensure_ascii=False, allow_nan=False))
 
     def tensors_of(self, file: str) -> list[str]:
         """The tensors that ``weight_map`` gives to shard ``file``, in archive order."""
         return [n for n, f in self.weight_map.items() if f == file]
+
+
+def seal_index(text: str) -> bytes:
+    """Append the ``checksum`` member to the JSON text of an index object (without one).
+
+    The checksum is the XXH3-64 of every byte before the ``"checksum"`` key (FORMAT.md §9.2).
+
+        >>> seal_index('{"a": 1}')
+        b'{"a": 1,\\n  "checksum": "1cbd3ded2f3e6d58"\\n}\\n'
+    """
+    body = text.rstrip()
+    if not body.endswith("}"):
+        raise InputError("an index is a JSON object")
+    raw = (body[:-1].rstrip() + ",\n  ").encode("utf-8")
+    return raw + f'"checksum": "{xxhash.xxh3_64_hexdigest(raw)}"\n}}\n'.encode()
 
 
 class _IndexChecker(_Checker):
@@ -659,12 +671,11 @@ def encode_sharded(base: Any, tasks: Mapping[str, Any], path: str | os.PathLike,
             shards = runner.workers() if isinstance(runner, _DaskRunner) else 1
         return _drive(runner, base_src, task_srcs, folder, opts, shards, max_shard_size, run, progress, t0,
                       torch.get_num_threads() if remote else None)
-    except BaseException:
-        for p in folder.glob(f".*{run}*"):  # our temporary shards and the writers' temporary files
-            p.unlink(missing_ok=True)
-        raise
     finally:
         runner.close()
+        # our temporary shards after a failure; after a success, what a killed worker left half written
+        for p in folder.glob(f".*{run}*"):
+            p.unlink(missing_ok=True)
 
 
 def _drive(runner: Any, base: Any, tasks: tuple[tuple[str, Any], ...], folder: Path, opts: EncodeOptions,
