@@ -468,16 +468,14 @@ def _balanced(weights: Sequence[int], n: int) -> list[int]:
 class ShardJob:
     """What one shard's tasks need: the checkpoint sources, the options and the shard's tensor plans.
 
-    ``threads``: torch's thread count while the job runs (None: leave it). Float32 dot products in the
-    statistics round differently with a different thread count, so workers use the driver's count and
-    every shard file is the same bytes wherever it is encoded.
+    Everything a shard's bytes depend on is here: the math is element-wise float32 and the statistics
+    are sequential float64 sums (FORMAT.md §4.4), so a shard is the same file on any worker.
     """
 
     base: Any
     tasks: tuple[tuple[str, Any], ...]
     options: EncodeOptions
     plans: tuple[_Plan, ...]
-    threads: int | None = None
 
 
 @dataclass
@@ -495,19 +493,10 @@ class ShardResult:
 
 @contextmanager
 def _job(job: ShardJob) -> Iterator[tuple[Any, list[_Plan]]]:
-    """Open the job's checkpoints with torch pinned to the job's thread count; yield (encoder, plans).
-
-    The plans are copies: workers never change the driver's objects (as on a cluster).
-    """
-    old = torch.get_num_threads()
-    if job.threads is not None:
-        torch.set_num_threads(job.threads)
-    try:
-        with _open_encoder(job.base, dict(job.tasks), job.options) as enc:
-            yield enc, [replace(p) for p in job.plans]
-    finally:
-        if job.threads is not None:
-            torch.set_num_threads(old)
+    """Open the job's checkpoints; yield (encoder, plans). The plans are copies: a job never changes
+    the driver's objects, in this process as on a cluster."""
+    with _open_encoder(job.base, dict(job.tasks), job.options) as enc:
+        yield enc, [replace(p) for p in job.plans]
 
 
 def shard_roles(job: ShardJob) -> list[str]:
@@ -669,8 +658,7 @@ def encode_sharded(base: Any, tasks: Mapping[str, Any], path: str | os.PathLike,
     try:
         if shards is None and max_shard_size is None:
             shards = runner.workers() if isinstance(runner, _DaskRunner) else 1
-        return _drive(runner, base_src, task_srcs, folder, opts, shards, max_shard_size, run, progress, t0,
-                      torch.get_num_threads() if remote else None)
+        return _drive(runner, base_src, task_srcs, folder, opts, shards, max_shard_size, run, progress, t0)
     finally:
         runner.close()
         # our temporary shards after a failure; after a success, what a killed worker left half written
@@ -679,8 +667,8 @@ def encode_sharded(base: Any, tasks: Mapping[str, Any], path: str | os.PathLike,
 
 
 def _drive(runner: Any, base: Any, tasks: tuple[tuple[str, Any], ...], folder: Path, opts: EncodeOptions,
-           shards: int | None, max_shard_size: int | None, run: str, progress: ProgressFn | None, t0: float,
-           threads: int | None) -> EncodeReport:
+           shards: int | None, max_shard_size: int | None, run: str, progress: ProgressFn | None,
+           t0: float) -> EncodeReport:
     task_names = [t for t, _ in tasks]
     # 1. plan on the driver, from metadata only
     with _open_encoder(base, dict(tasks), opts) as enc:
@@ -689,7 +677,7 @@ def _drive(runner: Any, base: Any, tasks: tuple[tuple[str, Any], ...], folder: P
         sizes = [_plan_bytes(enc, p, len(task_names)) for p in plans]
         input_bytes = sum(_checkpoint_bytes(ck) for ck in (enc.base, *enc.cks))
     groups = assign_shards(plans, sizes, shards=shards, max_shard_size=max_shard_size)
-    jobs = [ShardJob(base, tasks, opts, tuple(g), threads) for g in groups]
+    jobs = [ShardJob(base, tasks, opts, tuple(g)) for g in groups]
 
     # 2. global thresholds: roles, then the two histogram passes, each a map over shards + a reduce
     thresholds: dict[str, tuple[float | None, ...] | None] = {"ties": None, "magnitude": None}
