@@ -31,7 +31,7 @@ import xxhash
 
 from tallfmt import dtypes
 from tallfmt.compression import CODECS, MAX_EXPANSION, Buffer, get_codec
-from tallfmt.errors import ChecksumError, FormatError, InputError, LimitError
+from tallfmt.errors import ChecksumError, FormatError, InputError, LimitError, TallError
 
 MAGIC = b"\x89TALL\r\n\x1a"
 FORMAT_NAME = "tallfmt"
@@ -620,6 +620,11 @@ def _itemsize_of(t: TensorEntry, s: Segment) -> int:
 # Writer
 
 
+class WriteError(TallError, OSError):
+    """Writing an archive failed (disk full, I/O error, permission): an OSError with the original errno,
+    raised after the temporary file was removed; the target path is left as it was."""
+
+
 class ContainerWriter:
     """Streams segments to a temporary file beside ``path``; ``finish(header)`` makes it the archive.
 
@@ -641,17 +646,30 @@ class ContainerWriter:
         folder = self.path.parent if str(self.path.parent) else Path(".")
         if not folder.is_dir():
             raise InputError(f"{self.path}: folder {folder} does not exist")
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=folder)
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=folder)
+        except OSError as exc:
+            raise self._error("cannot create a temporary file in the target folder", exc) from exc
         self.tmp_path = Path(tmp)
         self._file = os.fdopen(fd, "w+b")
         self._pos = 0
         self._done = False
-        self._write(bytes(PREAMBLE_SIZE))
+        try:
+            self._write(bytes(PREAMBLE_SIZE))
+        except BaseException:
+            self.abort()
+            raise
+
+    def _error(self, what: str, exc: OSError) -> WriteError:
+        return WriteError(exc.errno, f"{self.path}: {what} ({exc.strerror or exc}); the target was not changed")
 
     def _write(self, data: Buffer) -> None:
         view = memoryview(data).cast("B") if not isinstance(data, np.ndarray) else memoryview(
             np.ascontiguousarray(data).reshape(-1).view(np.uint8))
-        self._file.write(view)
+        try:
+            self._file.write(view)
+        except OSError as exc:
+            raise self._error(f"cannot write {self.tmp_path.name}", exc) from exc
         self._pos += len(view)
 
     def _pad(self) -> None:
@@ -686,13 +704,16 @@ class ContainerWriter:
         _PREAMBLE.pack_into(pre, 0, MAGIC, header.version[0], header.version[1], 0, h_off, len(raw),
                             xxhash.xxh3_64_intdigest(raw), 0)
         struct.pack_into("<Q", pre, 40, xxhash.xxh3_64_intdigest(bytes(pre[:40])))
-        self._file.seek(0)
-        self._file.write(pre)
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        os.chmod(self.tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
-        os.replace(self.tmp_path, self.path)
+        try:
+            self._file.seek(0)
+            self._file.write(pre)
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            os.chmod(self.tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
+            os.replace(self.tmp_path, self.path)
+        except OSError as exc:
+            raise self._error(f"cannot finish {self.tmp_path.name}", exc) from exc
         self._done = True
         _fsync_dir(self.path.parent)
         return self.path
@@ -700,9 +721,13 @@ class ContainerWriter:
     def abort(self) -> None:
         """Drop the temporary file; ``path`` is left as it was."""
         if not self._done:
-            self._file.close()
-            self.tmp_path.unlink(missing_ok=True)
             self._done = True
+            try:
+                self._file.close()  # may fail flushing buffered bytes on a full disk: the file goes anyway
+            except OSError:
+                pass
+            finally:
+                self.tmp_path.unlink(missing_ok=True)
 
     def __enter__(self) -> "ContainerWriter":
         return self
