@@ -423,13 +423,13 @@ def _tamper_json(rng: random.Random, h: dict, c: Corpus) -> str:
 
 def _fix_lengths(t: dict) -> None:
     from tallfmt import dtypes
-    try:
-        n = 1
-        for d in t["shape"]:
-            n *= d
-        isz = dtypes.by_name(t["dtype"]).itemsize
-    except (KeyError, TypeError):
+    shape, dt = t.get("shape"), t.get("dtype")
+    if not isinstance(shape, list) or not all(type(d) is int for d in shape) or dt not in dtypes.DTYPES:
         return
+    n = 1
+    for d in shape:
+        n *= d
+    isz = dtypes.by_name(dt).itemsize
     for key in ("base", "data"):
         if isinstance(t.get(key), dict) and "decoded_length" in t[key]:
             t[key]["decoded_length"] = n * isz
@@ -517,7 +517,10 @@ def mutate(rng: random.Random, c: Corpus) -> tuple[bytes, str, bool]:
     h = json.loads(parts.header)
     desc = _tamper_json(rng, h, c)
     if rng.random() < 0.15:
-        desc += "; " + _tamper_json(rng, h, c)
+        try:  # a second change, on a header the first may have made malformed
+            desc += "; " + _tamper_json(rng, h, c)
+        except (KeyError, TypeError, AttributeError, IndexError, ValueError):
+            desc += "; (second change did not apply)"
     text = tc.header_text(h)
     return (tc.assemble(parts, header=text, fix_checksums=fix, **({} if fix else {"header_length": len(text)})),
             f"json {desc} fix={fix}", fix)
@@ -553,6 +556,8 @@ def run_batch(spec: dict) -> dict:
     for case in range(spec["start"], spec["stop"]):
         rng = case_rng(spec["seed"], case)
         ai = rng.randrange(len(archives))
+        if progress is not None:
+            progress.write_text(json.dumps({"case": case, "archive": str(archives[ai].path), "mutation": "?"}))
         data, desc, forged = mutate(rng, archives[ai])
         if selftest == "wrong":  # an undamaged file whose decode output is then falsified
             data, desc, forged = archives[ai].raw, "selftest: undamaged", False

@@ -169,10 +169,14 @@ def flip_bit(raw: bytes, bit: int) -> bytes:
     return bytes(out)
 
 
-def segments(header: dict) -> list[tuple[str, dict]]:
-    """(JSON path, segment object) for every segment of a parsed header, in table order."""
-    out = []
-    for i, t in enumerate(header["tensors"]):
+def segments(header: Any) -> list[tuple[str, dict]]:
+    """(JSON path, segment object) for every segment of a parsed header, in table order (a damaged
+    header's malformed parts are skipped)."""
+    out: list[tuple[str, dict]] = []
+    tensors = header.get("tensors") if isinstance(header, dict) else None
+    for i, t in enumerate(tensors if isinstance(tensors, list) else []):
+        if not isinstance(t, dict):
+            continue
         where = f"tensors[{i}]"
         for key in ("base", "tau", "data"):
             v = t.get(key)
@@ -180,10 +184,12 @@ def segments(header: dict) -> list[tuple[str, dict]]:
                 out.append((f"{where}.{key}", v))
             elif isinstance(v, dict) and isinstance(v.get("data"), dict):
                 out.append((f"{where}.{key}.data", v["data"]))
-        for j, m in enumerate(t.get("masks") or []):
-            out.append((f"{where}.masks[{j}]", m))
-        for j, it in enumerate(t.get("tasks") or []):
-            if isinstance(it, dict):
+        masks, items = t.get("masks"), t.get("tasks")
+        for j, m in enumerate(masks if isinstance(masks, list) else []):
+            if isinstance(m, dict):
+                out.append((f"{where}.masks[{j}]", m))
+        for j, it in enumerate(items if isinstance(items, list) else []):
+            if isinstance(it, dict) and isinstance(it.get("data"), dict):
                 out.append((f"{where}.tasks[{j}].data", it["data"]))
     return out
 
