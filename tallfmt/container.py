@@ -20,6 +20,7 @@ import json
 import math
 import mmap
 import os
+import stat
 import struct
 import tempfile
 from dataclasses import dataclass, field
@@ -491,13 +492,20 @@ class ContainerReader:
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = str(path)
         try:
-            self._file = open(self.path, "rb")
+            # O_NONBLOCK: opening a FIFO must not wait for a writer (it is refused just below)
+            fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
         except FileNotFoundError:
             raise FormatError(f"{self.path}: no such file") from None
         except IsADirectoryError:
             raise FormatError(f"{self.path}: is a directory, not a .tall file") from None
         except OSError as exc:
             raise FormatError(f"{self.path}: cannot open ({exc.strerror})") from None
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            os.close(fd)
+            kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file (a device, FIFO or socket)"
+            raise FormatError(f"{self.path}: is {kind}, not a .tall file")
+        self._file = os.fdopen(fd, "rb")
         self._mm: mmap.mmap | None = None
         try:
             self._open()

@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -720,6 +722,21 @@ def test_not_a_file(tmp_path: Path) -> None:
         ContainerReader(tmp_path / "missing.tall")
     with pytest.raises(FormatError, match="directory"):
         ContainerReader(tmp_path)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_not_a_regular_file(tmp_path: Path, kind: str) -> None:
+    # a FIFO must be refused, not waited on (a blocking open would hang until a writer comes)
+    if kind == "fifo":
+        path = tmp_path / "pipe.tall"
+        os.mkfifo(path)
+    else:
+        path = Path("/dev/zero")
+    code = (f"from tallfmt.container import ContainerReader\n"
+            f"try:\n    ContainerReader({str(path)!r})\nexcept Exception as e:\n    print(type(e).__name__, e)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert out.stdout.startswith("FormatError") and str(path) in out.stdout and "regular file" in out.stdout, (
+        out.stdout + out.stderr)
 
 
 def test_closed_reader(valid: Path) -> None:
