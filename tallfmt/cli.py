@@ -585,7 +585,7 @@ def stats(archive: str, plot: str | None, as_json: bool) -> None:
     with _open(archive) as zoo:
         counts = [int(c) for c in zoo.agreement().tolist()]
         tasks = summary(zoo)["tasks"]
-        name = zoo.path.name
+        name = zoo.path.parent.name if zoo.index is not None else zoo.path.name  # a sharded archive's folder
     rows = agreement_table(counts)
     T = len(counts) - 1
     if plot is not None:
