@@ -1,7 +1,10 @@
 """Corruption fuzzing of .tall archives (issue 6, item 1): the archives, the mutations, the oracle, a worker.
 
-A case is (seed, case number): it picks one of the archives, damages a copy of it in one seeded way, and
-runs every read operation on it: ``open``, ``decode`` of every task, ``merge`` with each method, ``mask`` of
+A case is (seed, case number): it picks one of the archives (small single files with every role, the
+golden files, and one sharded archive: a folder of shards and tall.index.json), damages a copy of it in
+one seeded way (bit flips, overwritten bytes, truncation, appended bytes, preamble fields, header JSON
+edits and raw text edits, a segment's bytes; for the sharded archive the same on one shard, or the index
+flipped, truncated, extended or edited and resealed), and runs every read operation on it: ``open``, ``decode`` of every task, ``merge`` with each method, ``mask`` of
 every masked tensor for every task, ``agreement`` and ``verify``. Each operation must either raise
 ``tallfmt.FormatError`` (or a subclass) or return exactly what it returns on the undamaged archive.
 
@@ -23,7 +26,7 @@ import hashlib
 import json
 import os
 import random
-import struct
+import shutil
 import sys
 import time
 import traceback
@@ -108,6 +111,8 @@ def build_archives(folder: str | Path, *, golden: bool = True) -> list[Path]:
     for kind in ZOO_KINDS:
         base, tasks, kw = make_zoo(kind)
         out.append(tallfmt.encode(base, tasks, folder / f"{kind}.tall", **kw).path)
+    base, tasks, kw = make_zoo("tall3", seed=1)  # a sharded archive: a folder of 3 shards and an index
+    out.append(tallfmt.encode(base, tasks, folder / "sharded", shards=3, **kw).path)
     if golden:
         out += sorted((Path(__file__).resolve().parents[1] / "spec" / "golden").glob("*.tall"))
     return out
@@ -262,10 +267,15 @@ def judge(result: dict[str, tuple[str, Any]], header: Any, ref: dict[str, tuple[
 
 
 class Corpus:
-    """One archive's pristine bytes and parsed parts."""
+    """One archive's pristine bytes and parsed parts; a sharded archive (a folder): its files, and a
+    Corpus per shard."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
+        if self.path.is_dir():
+            self.raw = {p.name: p.read_bytes() for p in sorted(self.path.iterdir())}
+            self.shards = {n: Corpus(self.path / n) for n in self.raw if n.endswith(".tall")}
+            return
         self.raw = self.path.read_bytes()
         self.parts = tc.split(self.path)
         self.header = self.parts.header_json()
@@ -463,8 +473,73 @@ def _text_edit(rng: random.Random, text: bytes) -> tuple[bytes, str]:
     return bytes(b), f"text {op} at {pos}"
 
 
-def mutate(rng: random.Random, c: Corpus) -> tuple[bytes, str, bool]:
-    """(damaged file bytes, what was done, forged: whether the header checksum was recomputed)."""
+INDEX = "tall.index.json"
+
+
+def _index_body(raw: bytes) -> str:
+    """The index's JSON text without its checksum member (what seal_index takes)."""
+    text = raw.decode("utf-8")
+    return text[:text.rindex('"checksum"')].rstrip().rstrip(",") + "\n}"
+
+
+def _mutate_sharded(rng: random.Random, c: Corpus) -> tuple[dict[str, bytes], str, bool]:
+    from tallfmt.errors import TallError
+    from tallfmt.sharded import seal_index
+
+    if rng.random() < 0.5:
+        name = rng.choice(sorted(c.shards))
+        data, desc, forged = mutate(rng, c.shards[name])
+        return {**c.raw, name: data}, f"shard {name}: {desc}", forged
+    raw = c.raw[INDEX]
+    kind = rng.choice(["flip", "truncate", "append", "text", "json", "json"])
+    if kind == "flip":
+        bit = rng.randrange(len(raw) * 8)
+        return {**c.raw, INDEX: tc.flip_bit(raw, bit)}, f"index flip bit {bit}", False
+    if kind == "truncate":
+        cut = rng.randrange(len(raw))
+        return {**c.raw, INDEX: raw[:cut]}, f"index truncate at {cut}", False
+    if kind == "append":  # (whitespace after the closing brace is insignificant JSON: not appended alone)
+        extra = rng.choice([b"x", b"}", b"\n{}", rng.randbytes(rng.randint(1, 50)) + b"!"])
+        return {**c.raw, INDEX: raw + extra}, f"index append {extra[:20]!r}", False
+    if kind == "text":
+        text, desc = _text_edit(rng, _index_body(raw).encode())
+        try:
+            return {**c.raw, INDEX: seal_index(text.decode("utf-8", "surrogateescape"))}, f"index {desc}", True
+        except (TallError, UnicodeError, ValueError):
+            return {**c.raw, INDEX: text}, f"index {desc} (not sealed)", False
+    h = json.loads(raw)
+    del h["checksum"]
+    what = rng.choice(["node", "node", "delete", "weight_map", "shards", "tasks"])
+    if what == "weight_map" and len(h["weight_map"]) > 1:
+        a, b = rng.sample(sorted(h["weight_map"]), 2)
+        h["weight_map"][a], h["weight_map"][b] = h["weight_map"][b], h["weight_map"][a]
+        desc = f"weight_map swap {a} <-> {b}"
+    elif what == "shards":
+        i = rng.randrange(len(h["shards"]))
+        key = rng.choice(["file", "size", "header_xxh3"])
+        h["shards"][i][key] = rng.choice(["../x.tall", "/etc/passwd", "model-00002-of-00003.tall", INDEX, "",
+                                          _int_variant(rng, h["shards"][i]["size"]), "0" * 16])
+        desc = f"shards[{i}].{key} = {h['shards'][i][key]!r}"
+    elif what == "tasks":
+        h["tasks"] = h["tasks"][::-1] if rng.random() < 0.5 else h["tasks"][:-1]
+        desc = "index tasks reordered or cut"
+    else:
+        p = rng.choice(_paths(h))
+        parent = _get(h, p[:-1])
+        if what == "delete":
+            del parent[p[-1]]
+        else:
+            parent[p[-1]] = _random_json(rng) if rng.random() < 0.6 else _int_variant(rng, parent[p[-1]])
+        desc = f"{what} {p}"
+    sealed = seal_index(json.dumps(h, indent=2, ensure_ascii=False))
+    return {**c.raw, INDEX: sealed}, f"index json {desc}", True
+
+
+def mutate(rng: random.Random, c: Corpus) -> tuple[bytes | dict[str, bytes], str, bool]:
+    """(damaged file bytes, or for a sharded archive {file name: bytes}; what was done; forged: whether a
+    checksum that covers the change was recomputed)."""
+    if isinstance(c.raw, dict):
+        return _mutate_sharded(rng, c)
     raw, parts, size = c.raw, c.parts, len(c.raw)
     kind = _weighted(rng, KINDS)
     if kind == "flip":
@@ -564,7 +639,12 @@ def run_batch(spec: dict) -> dict:
         if progress is not None:
             progress.write_text(json.dumps({"case": case, "archive": str(archives[ai].path), "mutation": desc}))
         path = work / f"case{case}.tall"
-        path.write_bytes(data)
+        if isinstance(data, dict):  # a sharded archive: a folder
+            path.mkdir()
+            for name, content in data.items():
+                (path / name).write_bytes(content)
+        else:
+            path.write_bytes(data)
         if selftest == "segfault" and case == spec["start"] + 1:
             import ctypes
             ctypes.string_at(0)
@@ -573,7 +653,7 @@ def run_batch(spec: dict) -> dict:
         result, header = run_file(path)
         if selftest == "wrong" and "decode[0]" in result and result["decode[0]"][0] == "ok":
             result["decode[0]"] = ("ok", [("x", ("F32", (1,), "0"))])
-        path.unlink()
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
         problems = judge(result, header, *refs[ai], forged, data != archives[ai].raw)
         first_e = next((op for op, (s, _) in result.items() if s == "E"), None)
         outcomes[f"{desc.split()[0]}:{'open-refused' if header is None else 'opened'}"] += 1

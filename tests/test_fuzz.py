@@ -35,6 +35,9 @@ def _explain(failures: list[dict]) -> str:
 def test_corpus_covers_every_role_and_dtype_path(archives: list[Path]) -> None:
     roles, masked_dtypes, codecs, tasks = Counter(), set(), set(), set()
     for p in archives:
+        if p.is_dir():  # the sharded archive
+            assert (p / "tall.index.json").is_file() and len(list(p.glob("*.tall"))) == 3
+            continue
         with tallfmt.open(p) as zoo:
             tasks.add(len(zoo.tasks))
             for t in zoo.header.tensors:
@@ -47,7 +50,8 @@ def test_corpus_covers_every_role_and_dtype_path(archives: list[Path]) -> None:
     assert masked_dtypes == {"F32", "F16", "BF16"}
     assert codecs == {"raw", "zstd", "byteplane-zstd"}
     assert {1, 2, 3} <= tasks
-    assert all(p.stat().st_size < 20_000 for p in archives)
+    assert all(p.stat().st_size < 20_000 for p in archives if p.is_file())
+    assert sum(p.is_dir() for p in archives) == 1
 
 
 def test_fuzz_corruption(archives: list[Path], tmp_path: Path) -> None:
@@ -57,11 +61,11 @@ def test_fuzz_corruption(archives: list[Path], tmp_path: Path) -> None:
     assert report["cases"] == CI_CASES
     out = Counter(report["outcomes"])
     # the fuzzer reaches every stage: refused on open, refused on read, forged files that open
-    for kind in ("flip", "truncate", "append", "preamble", "json", "text", "segment"):
+    for kind in ("flip", "truncate", "append", "preamble", "json", "text", "segment", "shard", "index"):
         assert out[f"{kind}:open-refused"] + out[f"{kind}:opened"] > 0, kind
     assert out["opened, some ops refused"] > CI_CASES // 20
     assert out["opened forged"] > CI_CASES // 20
-    assert out["json:opened"] > 0 and out["text:opened"] > 0
+    assert out["json:opened"] > 0 and out["text:opened"] > 0 and out["index:opened"] > 0
 
 
 def test_mutations_are_seeded(archives: list[Path]) -> None:
