@@ -367,19 +367,21 @@ class _Encoder:
                 tau_mtl = maskmath.task_arithmetic(taus)
                 self._check_chunk(tau_mtl, [theta0, *thetas], p.name)
             tau_cpu = tau_mtl.to("cpu").numpy()
-            theta0_st = dtypes.to_numpy(b[s:e])
             for t in range(len(self.tasks)):
                 if self.mask_method == "tall":
                     m = maskmath.tall_mask(taus[t], tau_mtl, lams[t])
                 else:
                     m = maskmath.magnitude_mask(taus[t], mag_thr[t])
-                bits = packed[t][s // 8:(e + 7) // 8]
-                kernels.pack_bits_into(m.to("cpu").numpy(), bits)
-                # What users lose, measured on θ̂ exactly as decode will produce it.
-                sums = np.zeros(5)
-                kernels.mask_stats(theta0_st, dtypes.to_numpy(flats[t][s:e]), tau_cpu, bits, sums, dtype=p.dtype)
-                self.stats[t].add(sums, e - s)
+                kernels.pack_bits_into(m.to("cpu").numpy(), packed[t][s // 8:(e + 7) // 8])
             tau_out[s:e] = tau_cpu
+        # What users lose, measured on θ̂ exactly as decode will produce it: one sequential pass over the
+        # whole tensor (b and flats are views, no copy), so the sums — and the header — do not depend
+        # on chunk_size (FORMAT.md §4.4: sequential in element order, tensor by tensor).
+        theta0_st = dtypes.to_numpy(b)
+        for t in range(len(self.tasks)):
+            sums = np.zeros(5)
+            kernels.mask_stats(theta0_st, dtypes.to_numpy(flats[t]), tau_out, packed[t], sums, dtype=p.dtype)
+            self.stats[t].add(sums, n)
         return tau_out, packed
 
 
