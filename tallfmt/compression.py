@@ -86,6 +86,53 @@ def _zstd_decompress(data: Buffer, decoded_length: int, what: str = "zstd frame"
     return out
 
 
+def _frame_length(view: memoryview) -> int | None:
+    """Stored size of the zstd frame at the start of ``view``, from its block headers (RFC 8878 §3.1.1);
+    None when that cannot be read (the caller then takes the general path, which reports the error)."""
+    try:
+        pos = zstandard.frame_header_size(view)
+        has_checksum = zstandard.get_frame_parameters(view).has_checksum
+    except zstandard.ZstdError:
+        return None
+    while True:
+        if pos + 3 > len(view):
+            return None
+        h = view[pos] | view[pos + 1] << 8 | view[pos + 2] << 16
+        kind = (h >> 1) & 3  # 0 raw, 1 RLE (one byte follows), 2 compressed, 3 reserved
+        if kind == 3:
+            return None
+        pos += 3 + (1 if kind == 1 else h >> 3)
+        if h & 1:  # last block
+            return pos + (4 if has_checksum else 0)
+
+
+def _zstd_decompress_into(data: Buffer, out: np.ndarray, what: str) -> None:
+    """Decompress one frame holding exactly ``len(out)`` bytes straight into ``out`` (no intermediate
+    bytes object and copy), refusing what _zstd_decompress refuses. When the frame does not span
+    ``data`` exactly (bytes after it, a truncated or odd frame) it falls back to _zstd_decompress,
+    which names the problem."""
+    view = _as_bytes_view(data)
+    n = len(out)
+    _check_content_size(view, n, what)
+    if n == 0 or _frame_length(view) != len(view):
+        out[:] = np.frombuffer(_zstd_decompress(view, n, what), dtype=np.uint8)
+        return
+    dest = memoryview(out).cast("B")
+    got = 0
+    try:
+        with zstandard.ZstdDecompressor().stream_reader(view, read_across_frames=False) as reader:
+            while got < n:
+                k = reader.readinto(dest[got:])
+                if not k:
+                    break
+                got += k
+            more = len(reader.read(1)) if got == n else 0
+    except zstandard.ZstdError as exc:
+        raise FormatError(f"{what}: corrupt zstd data ({exc})") from None
+    if got != n or more:
+        raise FormatError(f"{what}: decoded to {got + more}{'+' if more else ''} bytes, header says {n}")
+
+
 class ZstdCodec:
     """One zstd frame of the whole segment."""
 
@@ -141,8 +188,7 @@ class BytePlaneZstdCodec:
         out = np.empty((itemsize, n), dtype=np.uint8)
         pos = table
         for k, length in enumerate(lengths):
-            plane = _zstd_decompress(view[pos:pos + length], n, what=f"byteplane-zstd plane {k}")
-            out[k] = np.frombuffer(plane, dtype=np.uint8)
+            _zstd_decompress_into(view[pos:pos + length], out[k], what=f"byteplane-zstd plane {k}")
             pos += length
         return kernels.merge_planes(out)
 
