@@ -14,6 +14,7 @@ T packed masks plus T chunks, whatever the number of tensors or tasks. The mask 
 from __future__ import annotations
 
 import math
+import struct
 import time
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -54,9 +55,19 @@ def _check_lambdas(lambdas: float | Mapping[str, float], tasks: list[str]) -> di
     else:
         out = {t: lambdas for t in tasks}
     for t, v in out.items():
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-            raise InputError(f"lambda for task {t!r} must be a finite number > 0, got {v!r}")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0 \
+                or not _fits_float32(v):
+            raise InputError(f"lambda for task {t!r} must be a finite number > 0 that fits in float32, got {v!r}")
     return {t: float(v) for t, v in out.items()}
+
+
+def _fits_float32(v: float) -> bool:
+    # the masks use float32(λ) (FORMAT.md §4.3); a λ that rounds to inf must be refused up front, by name
+    try:
+        struct.pack("<f", v)
+    except OverflowError:
+        return False
+    return True
 
 
 def _check_fraction(name: str, v: Any) -> float:
