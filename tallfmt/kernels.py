@@ -366,7 +366,7 @@ def pack_bits(bits: np.ndarray) -> np.ndarray:
     little-endian bit order, padding bits zero. Equals ``np.packbits(bits != 0, bitorder="little")``.
 
     bool arrays are taken to hold 0/1 bytes, as numpy makes them; a bool view of arbitrary bytes
-    should be passed as its uint8 view, which is normalised (slightly slower, see bench/RESULTS.md).
+    should be passed as its uint8 view, which is normalised (15-19% slower in bench/RESULTS.md).
     """
     src, norm = _bits_u8(bits)
     out = np.empty((src.shape[0] + 7) // 8, dtype=np.uint8)

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -431,3 +435,27 @@ def test_kernels_recheck_lengths() -> None:
         kernels._popcount_kernel(np.zeros(1, np.uint8), 100)
     with pytest.raises(ValueError):
         kernels._add_bits_kernel(np.zeros(100, np.uint16), np.zeros(1, np.uint8))
+
+
+def test_decode_without_hardware_half(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # a CPU without F16C: the kernel must compile the integer float16 path (not abort on a missing
+    # compiler-rt helper) and give the same bits
+    code = (
+        "import numpy as np, torch\n"
+        "from tallfmt import kernels as K\n"
+        "assert not K._NATIVE_HALF\n"
+        "rng = np.random.default_rng(0)\n"
+        "base = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16)\n"
+        "tau = (rng.standard_normal(65536) * 1e-3).astype(np.float32)\n"
+        "bits = rng.random(65536) < 0.7\n"
+        "o = K.decode_masked(base, tau, K.pack_bits(bits))\n"
+        "t = torch.from_numpy(base)\n"
+        "ref = torch.where(torch.from_numpy(bits), (t.float() + torch.from_numpy(tau)).half(), t).numpy()\n"
+        "nan = np.isnan(ref)\n"
+        "assert (o.view(np.uint16)[~nan] == ref.view(np.uint16)[~nan]).all() and np.isnan(o[nan]).all()\n"
+        "print('ok')\n")
+    root = str(Path(kernels.__file__).resolve().parent.parent)
+    env = dict(os.environ, NUMBA_CPU_NAME="generic", NUMBA_CPU_FEATURES="", NUMBA_CACHE_DIR=str(tmp_path),
+               PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
