@@ -319,10 +319,13 @@ def open_layout(path: str | os.PathLike) -> Layout:
     except OSError as exc:
         raise FormatError(f"{index_path}: cannot read ({exc.strerror})") from None
     index = parse_index(raw, str(index_path))
+    wanted: dict[str, list[str]] = {info.file: [] for info in index.shards}
+    for name, file in index.weight_map.items():  # one pass, whatever the number of shards
+        wanted[file].append(name)
     readers: list[ContainerReader] = []
     try:
         for i, info in enumerate(index.shards):
-            readers.append(_open_shard(index_path, index, i, info))
+            readers.append(_open_shard(index_path, index, i, info, wanted[info.file]))
         entries: dict[str, TensorEntry] = {}
         reader_of: dict[str, ContainerReader] = {}
         for r in readers:
@@ -338,7 +341,9 @@ def open_layout(path: str | os.PathLike) -> Layout:
         raise
 
 
-def _open_shard(index_path: Path, index: ShardIndex, i: int, info: ShardInfo) -> ContainerReader:
+def _open_shard(index_path: Path, index: ShardIndex, i: int, info: ShardInfo, want: list[str]
+                ) -> ContainerReader:
+    """Open shard ``i`` and check it against the index; ``want``: its tensors per the weight map."""
     f = index_path.parent / info.file
     where = f"{index_path}: index shards[{i}]"
     try:
@@ -365,7 +370,6 @@ def _open_shard(index_path: Path, index: ShardIndex, i: int, info: ShardInfo) ->
             raise FormatError(f"{f}: header encoding {h.encoding} differs from {index_path} encoding "
                               f"{index.encoding}")
         names = [t.name for t in h.tensors]
-        want = index.tensors_of(info.file)
         if names != want:
             extra = sorted(set(names) - set(want))[:5]
             missing = sorted(set(want) - set(names))[:5]
@@ -566,7 +570,10 @@ class _DaskRunner:
         except ImportError:
             raise InputError("scheduler= needs Dask: pip install 'tallfmt[dask]'") from None
         if isinstance(scheduler, str):
-            self.client, self.owned = Client(scheduler, set_as_default=False), True
+            try:
+                self.client, self.owned = Client(scheduler, set_as_default=False), True
+            except (OSError, TimeoutError) as exc:
+                raise InputError(f"cannot reach the Dask scheduler at {scheduler!r}: {exc}") from None
         elif isinstance(scheduler, Client):
             self.client, self.owned = scheduler, False
         else:
@@ -630,8 +637,10 @@ def encode_sharded(base: Any, tasks: Mapping[str, Any], path: str | os.PathLike,
     """Encode into the folder ``path``: shard files and ``tall.index.json``. Called by
     ``tallfmt.encode(..., shards=N | max_shard_size=B [, scheduler=...])``, which checked ``opts``.
 
-    ``shards`` defaults to the cluster's thread count with a scheduler, else 1. The index is written
-    last; an encode that fails leaves no index and removes its temporary shard files.
+    ``shards=N`` gives N shards, fewer when there are fewer tensors (an alias counts with its
+    target); it defaults to the cluster's thread count with a scheduler, else 1. ``max_shard_size``
+    cuts by the stored size before compression (a larger tensor gets a shard of its own). The index
+    is written last; an encode that fails leaves no index and removes its temporary shard files.
 
         >>> encode_sharded("base.safetensors", {"a": "a.safetensors"}, "zoo",
         ...                EncodeOptions.check(task_names=["a"]), shards=2)        # doctest: +SKIP
