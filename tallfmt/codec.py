@@ -13,6 +13,7 @@ T packed masks plus T chunks, whatever the number of tensors or tasks. The mask 
 
 from __future__ import annotations
 
+import fnmatch
 import math
 import struct
 import time
@@ -35,6 +36,9 @@ from tallfmt.errors import FormatError, InputError
 
 DEFAULT_CHUNK = 1 << 20  # elements per chunk of mask math: T chunks of 4 MiB in flight
 DEFAULT_CODEC = "auto"   # byteplane-zstd for multi-byte elements, zstd for masks and bytes
+#: Tensors stored per task (verbatim) when they differ, even if float: batch-norm statistics are not
+#: weights, and θ0 + Σ_t of their changes can be meaningless (a negative variance).
+DEFAULT_PER_TASK = ("*running_mean", "*running_var", "*num_batches_tracked")
 
 ProgressFn = Callable[[int], None]
 
@@ -109,6 +113,7 @@ class EncodeOptions:
     mismatch: str
     metadata: dict[str, str]
     chunk: int
+    per_task: tuple[str, ...] = ()
 
     @classmethod
     def check(cls, *, task_names: list[str], merge: str = "task_arithmetic",
@@ -116,7 +121,7 @@ class EncodeOptions:
               ties_scope: str = "global", mask_method: str = "tall", mask_density: float = 0.1,
               mask_scope: str = "global", codec: str = DEFAULT_CODEC, device: str | torch.device | None = None,
               mismatch: str = "error", metadata: Mapping[str, str] | None = None,
-              chunk_size: int = DEFAULT_CHUNK) -> EncodeOptions:
+              chunk_size: int = DEFAULT_CHUNK, per_task: Any = DEFAULT_PER_TASK) -> EncodeOptions:
         """Validate encode()'s keyword arguments (InputError naming the bad one)."""
         _check_choice("merge", merge, ("task_arithmetic", "ties"))
         _check_choice("mask_method", mask_method, ("tall", "magnitude"))
@@ -135,8 +140,10 @@ class EncodeOptions:
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
             raise InputError("metadata must map strings to strings")
         dev = str(torch.device(device)) if device is not None else "cpu"
+        if isinstance(per_task, str) or not all(isinstance(p, str) for p in per_task):
+            raise InputError(f"per_task must be a sequence of name patterns (strings), got {per_task!r}")
         return cls(merge, lams, ties_density, ties_agg, ties_scope, mask_method, mask_density, mask_scope,
-                   codec, dev, mismatch, meta, chunk_size // 8 * 8)
+                   codec, dev, mismatch, meta, chunk_size // 8 * 8, tuple(per_task))
 
     @property
     def global_ties(self) -> bool:
@@ -258,15 +265,13 @@ class EncodeReport:
 
 
 class _Encoder:
-    def __init__(self, base: Checkpoint, cks: list[Checkpoint], task_names: list[str], *, merge: str,
-                 lambdas: dict[str, float], ties_density: float, ties_agg: str, ties_scope: str,
-                 mask_method: str, mask_density: float, mask_scope: str, codec: str, device: torch.device,
-                 chunk: int, progress: ProgressFn | None) -> None:
-        self.base, self.cks, self.tasks = base, cks, task_names
-        self.merge, self.lambdas = merge, lambdas
-        self.ties_density, self.ties_agg, self.ties_scope = ties_density, ties_agg, ties_scope
-        self.mask_method, self.mask_density, self.mask_scope = mask_method, mask_density, mask_scope
-        self.codec, self.device, self.chunk, self.progress = codec, device, chunk, progress
+    def __init__(self, base: Checkpoint, cks: list[Checkpoint], task_names: list[str], opts: EncodeOptions,
+                 progress: ProgressFn | None) -> None:
+        self.base, self.cks, self.tasks, self.opts, self.progress = base, cks, task_names, opts, progress
+        self.merge, self.lambdas = opts.merge, opts.lambdas
+        self.ties_density, self.ties_agg, self.ties_scope = opts.ties_density, opts.ties_agg, opts.ties_scope
+        self.mask_method, self.mask_density, self.mask_scope = opts.mask_method, opts.mask_density, opts.mask_scope
+        self.codec, self.device, self.chunk = opts.codec, torch.device(opts.device), opts.chunk
         self.stats = [maskmath.TaskStats() for _ in task_names]
         self.base_names = set(base.names())
         self.task_names_sets = [set(ck.names()) for ck in cks]
@@ -308,7 +313,9 @@ class _Encoder:
                 continue
             b = self.base.get(p.name)
             same = all(_equal_bytes(b, ck.get(p.name)) for ck in self.cks)
-            p.role = "shared" if same else ("masked" if p.dtype in dtypes.MASKABLE else "per_task")
+            maskable = p.dtype in dtypes.MASKABLE and not any(fnmatch.fnmatchcase(p.name, pat)
+                                                              for pat in self.opts.per_task)
+            p.role = "shared" if same else ("masked" if maskable else "per_task")
 
     def check_finite(self, ck: Checkpoint, name: str) -> None:
         flat = self._flat(ck, name)
@@ -402,7 +409,8 @@ def encode(base: Any, tasks: Mapping[str, Any], path: str | Path, *, merge: str 
            mask_scope: str = "global", codec: str = DEFAULT_CODEC, device: str | torch.device | None = None,
            mismatch: str = "error", metadata: Mapping[str, str] | None = None, overwrite: bool = True,
            chunk_size: int = DEFAULT_CHUNK, progress: ProgressFn | None = None, shards: int | None = None,
-           max_shard_size: int | None = None, scheduler: Any = None, retries: int = 3) -> EncodeReport:
+           max_shard_size: int | None = None, scheduler: Any = None, retries: int = 3,
+           per_task: Any = DEFAULT_PER_TASK) -> EncodeReport:
     """Encode θ0 and T fine-tunes of it into one .tall archive at ``path``.
 
     ``base`` and each task source: a .safetensors file, a HF folder (model.safetensors or a sharded
@@ -410,8 +418,9 @@ def encode(base: Any, tasks: Mapping[str, Any], path: str | Path, *, merge: str 
     ``merge`` makes τ_MTL: "task_arithmetic" (Σ τ_t) or "ties" (``ties_density``, ``ties_agg``,
     ``ties_scope``). ``mask_method`` "tall" (eq. 5 with ``lambdas``) or "magnitude" (top
     ``mask_density`` of |τ_t|). ``mismatch="per_task"`` stores tensors whose presence, dtype or shape
-    differ between checkpoints per task instead of refusing them. ``progress(n)`` is called with the
-    number of tensors written.
+    differ between checkpoints per task instead of refusing them. Float tensors whose names match a
+    glob in ``per_task`` (default: batch-norm running statistics) are stored verbatim per task when
+    they differ. ``progress(n)`` is called with the number of tensors written.
 
     ``shards=N`` or ``max_shard_size=BYTES`` make ``path`` a folder of shard files plus
     ``tall.index.json`` (FORMAT.md §9, see :mod:`tallfmt.sharded`); ``scheduler`` (a
@@ -435,7 +444,9 @@ def encode(base: Any, tasks: Mapping[str, Any], path: str | Path, *, merge: str 
     opts = EncodeOptions.check(task_names=task_names, merge=merge, lambdas=lambdas, ties_density=ties_density,
                                ties_agg=ties_agg, ties_scope=ties_scope, mask_method=mask_method,
                                mask_density=mask_density, mask_scope=mask_scope, codec=codec, device=device,
-                               mismatch=mismatch, metadata=metadata, chunk_size=chunk_size)
+                               mismatch=mismatch, metadata=metadata, chunk_size=chunk_size, per_task=per_task)
+    if not overwrite and Path(path).exists():  # before any input is read
+        raise InputError(f"{path}: already exists (pass overwrite=True / --force to replace it)")
     if shards is not None or max_shard_size is not None or scheduler is not None:
         from tallfmt.sharded import encode_sharded  # sharded imports this module
 
@@ -468,10 +479,7 @@ def _open_encoder(base: Any, tasks: Mapping[str, Any], opts: EncodeOptions,
     with ExitStack() as stack:
         base_ck = stack.enter_context(open_checkpoint(base, label="base"))
         cks = [stack.enter_context(open_checkpoint(tasks[t], label=t)) for t in tasks]
-        yield _Encoder(base_ck, cks, list(tasks), merge=opts.merge, lambdas=opts.lambdas,
-                       ties_density=opts.ties_density, ties_agg=opts.ties_agg, ties_scope=opts.ties_scope,
-                       mask_method=opts.mask_method, mask_density=opts.mask_density, mask_scope=opts.mask_scope,
-                       codec=opts.codec, device=torch.device(opts.device), chunk=opts.chunk, progress=progress)
+        yield _Encoder(base_ck, cks, list(tasks), opts, progress)
 
 
 def _write_archive(enc: _Encoder, plans: list[_Plan], path: str | Path, ties_thr: torch.Tensor | None,
