@@ -495,8 +495,8 @@ def _mutate_sharded(rng: random.Random, c: Corpus) -> tuple[dict[str, bytes], st
     if kind == "flip":
         bit = rng.randrange(len(raw) * 8)
         return {**c.raw, INDEX: tc.flip_bit(raw, bit)}, f"index flip bit {bit}", False
-    if kind == "truncate":
-        cut = rng.randrange(len(raw))
+    if kind == "truncate":  # (cutting only the final newline changes no JSON: not done alone)
+        cut = rng.randrange(len(raw.rstrip()))
         return {**c.raw, INDEX: raw[:cut]}, f"index truncate at {cut}", False
     if kind == "append":  # (whitespace after the closing brace is insignificant JSON: not appended alone)
         extra = rng.choice([b"x", b"}", b"\n{}", rng.randbytes(rng.randint(1, 50)) + b"!"])
