@@ -408,6 +408,9 @@ def _count_tensors(source: str) -> int | None:
 @click.option("--device", default=None, help="torch device for the mask math, e.g. cuda:0 (default cpu).")
 @click.option("--mismatch", type=click.Choice(["error", "per_task"]), default="error", show_default=True,
               help="Tensors whose presence/dtype/shape differ between checkpoints: refuse, or store per task.")
+@click.option("--per-task", "per_task", multiple=True, metavar="GLOB",
+              help="Float tensors named like GLOB are stored verbatim per task when they differ, repeatable "
+                   "(default: batch-norm running statistics; --per-task '' for none).")
 @click.option("--metadata", "metadata", multiple=True, metavar="KEY=VALUE", help="Free metadata, repeatable.")
 @click.option("--shards", type=click.IntRange(min=1), default=None,
               help="Write a sharded archive: OUTPUT becomes a folder of N shard files + tall.index.json.")
@@ -416,8 +419,8 @@ def _count_tensors(source: str) -> int | None:
 @click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
 def encode(base: str, finetunes: tuple[str, ...], output: str, names: tuple[str, ...], merge: str,
            ties_density: float, ties_agg: str, ties_scope: str, lambdas: tuple[str, ...], mask_method: str,
-           mask_density: float, codec: str, device: str | None, mismatch: str, metadata: tuple[str, ...],
-           shards: int | None, max_shard_size: str | None, scheduler: str | None, force: bool) -> None:
+           mask_density: float, codec: str, device: str | None, mismatch: str, per_task: tuple[str, ...],
+           metadata: tuple[str, ...], shards: int | None, max_shard_size: str | None, scheduler: str | None, force: bool) -> None:
     """Encode BASE (θ0) and its fine-tunes FT ... into one .tall archive.
 
     Each of BASE and FT is a .safetensors file, a folder with model.safetensors or a sharded
@@ -436,13 +439,16 @@ def encode(base: str, finetunes: tuple[str, ...], output: str, names: tuple[str,
     meta = _parse_metadata(metadata)
     shard_size = parse_size(max_shard_size) if max_shard_size is not None else None
     import tallfmt
+    from tallfmt.codec import DEFAULT_PER_TASK
 
+    patterns = tuple(p for p in per_task if p) if per_task else DEFAULT_PER_TASK
     total = _count_tensors(base) if sys.stderr.isatty() and not _settings().quiet else None
     with progress(total, "encode") as update:
         report = tallfmt.encode(base, dict(zip(tasks, finetunes)), out, merge=merge, lambdas=lam,
                                 ties_density=ties_density, ties_agg=ties_agg, ties_scope=ties_scope,
                                 mask_method=mask_method, mask_density=mask_density, codec=codec,
-                                device=device, mismatch=mismatch, metadata=meta, overwrite=force,
+                                device=device, mismatch=mismatch, per_task=patterns, metadata=meta,
+                                overwrite=force,
                                 progress=update, shards=shards, max_shard_size=shard_size, scheduler=scheduler)
     roles = ", ".join(f"{n} {r}" for r, n in report.roles.items())
     _say(f"{report.path}: {len(report.tasks)} tasks ({', '.join(report.tasks)}), {roles} tensors")

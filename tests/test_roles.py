@@ -59,3 +59,25 @@ def test_overwrite_false_refuses_before_reading_inputs(tmp_path: Path) -> None:
         tallfmt.encode(tmp_path / "missing-base.safetensors", {"a": tmp_path / "missing.safetensors"}, target,
                        overwrite=False)
     assert target.read_bytes() == b"precious"
+
+
+def test_cli_per_task_option(tmp_path: Path) -> None:
+    import shutil
+    import subprocess
+    import sys
+
+    from safetensors.torch import save_file
+
+    base, tasks = _bn_zoo()
+    save_file(base, str(tmp_path / "base.safetensors"))
+    files = []
+    for t, sd in tasks.items():
+        save_file(sd, str(tmp_path / f"{t}.safetensors"))
+        files.append(str(tmp_path / f"{t}.safetensors"))
+    exe = shutil.which("tallfmt", path=str(Path(sys.executable).parent)) or "tallfmt"
+    for flags, role in (([], "per_task"), (["--per-task", ""], "masked")):
+        out = tmp_path / "zoo.tall"
+        subprocess.run([exe, "-q", "encode", str(tmp_path / "base.safetensors"), *files, "-o", str(out), "--force",
+                        *flags], check=True)
+        with tallfmt.open(out) as zoo:
+            assert zoo.roles["bn.running_var"] == role, flags
