@@ -199,6 +199,10 @@ class _Checker:
         extra = v.keys() - required - optional
         if extra and self.strict:
             raise self.fail(where, f"unknown key(s) {sorted(extra)}")
+        for k, x in v.items():  # JSON can escape an unpaired surrogate ("\ud800"): not Unicode text
+            for s, at in ((k, f"{where} (a key)" if where else "(a key)"), (x, f"{where}.{k}" if where else k)):
+                if isinstance(s, str) and not s.isascii() and not _is_unicode(s):
+                    raise self.fail(at, f"{s!r} holds an unpaired surrogate escape, not Unicode text")
         return v
 
     def int_(self, v: Any, where: str, lo: int = 0, hi: int = 1 << 63) -> int:
@@ -384,6 +388,14 @@ class _Checker:
             if not isinstance(s, str):
                 raise self.fail(f"metadata.{k}", "metadata values are strings")
         return Header(tasks, enc, tensors, dict(meta), version)
+
+
+def _is_unicode(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict:

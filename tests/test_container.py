@@ -212,12 +212,26 @@ def test_header_not_utf8(valid: Path) -> None:
     refused(valid, FormatError, "header", "UTF-8")
 
 
-def test_header_lone_surrogate_escape_is_refused_or_valid(valid: Path) -> None:
-    # "\ud800" is valid JSON text (an escape) but not a Unicode scalar: it must not crash the reader
+@pytest.mark.parametrize("old, new, field", [
+    (b'"name":"a"', b'"name":"\\ud800"', "tasks[0].name"),
+    (b'"name":"pos"', b'"name":"p\\udfffos"', "tensors[2].name"),
+    (b'"k":"v"', b'"k":"\\udbff"', "metadata.k"),
+    (b'"k":"v"', b'"\\ud800k":"v"', "metadata"),
+    (b'"mask_density"', b'"\\ud800"', "tasks[0].stats"),
+])
+def test_header_unpaired_surrogate_escape(valid: Path, old: bytes, new: bytes, field: str) -> None:
+    # "\ud800" is JSON syntax but no Unicode character: such a name cannot be written as UTF-8 again
+    # (tallfmt info, a sharded index, a safetensors header would fail on it), so the reader refuses it
     parts = tc.split(valid)
-    tc.with_header(valid, parts.header.replace(b'"k":"v"', b'"k":"\\ud800"'))
+    tc.with_header(valid, parts.header.replace(old, new, 1))
+    refused(valid, FormatError, field, "surrogate")
+
+
+def test_header_paired_surrogate_escapes_are_text(valid: Path) -> None:
+    parts = tc.split(valid)
+    tc.with_header(valid, parts.header.replace(b'"k":"v"', b'"k":"\\ud83d\\ude00 \\\\ud800"'))
     with ContainerReader(valid) as r:
-        assert r.header.metadata == {"k": "\ud800"}
+        assert r.header.metadata == {"k": "\U0001f600 \\ud800"}
 
 
 @pytest.mark.parametrize("prefix", [b" ", b"\xef\xbb\xbf", b"\n"])
