@@ -459,7 +459,7 @@ def _text_edit(rng: random.Random, text: bytes) -> tuple[bytes, str]:
         del b[pos:pos + n]
     elif op == "insert":
         b[pos:pos] = rng.choice([b"{", b"}", b"[", b"]", b'"', b",", b":", b"0", b"-", b".", b"e9", b" ", b"\\",
-                                 b"\xff", b"\xc3", b"NaN", b'"a":1,', b"null"])
+                                 b"\xff", b"\xc3", b"NaN", b'"a":1,', b"null", b"\\ud800", b"\\u0000"])
     elif op == "replace":
         b[pos] = rng.randrange(256)
     elif op == "dup":
