@@ -429,23 +429,30 @@ def _json_depth_ok(text: str) -> bool:
     return True
 
 
-def parse_header(raw: bytes, path: str = "<header>") -> Header:
-    """Decode, parse and validate header bytes (UTF-8 JSON) into a Header; FormatError when invalid."""
+def load_json_object(raw: bytes, path: str, what: str = "header", minor: int = MINOR) -> tuple[Any, bool]:
+    """Decode and parse a header-like JSON object by §1.2's rules (UTF-8, starts with '{', depth,
+    no duplicate keys, no NaN/Infinity): (object, strict), strict unless its ``version`` minor number
+    is newer than ``minor``, the reader's. FormatError/LimitError name ``path`` and ``what``."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise FormatError(f"{path}: header is not valid UTF-8 ({exc})") from None
+        raise FormatError(f"{path}: {what} is not valid UTF-8 ({exc})") from None
     if not text.startswith("{"):
-        raise FormatError(f"{path}: header must be a JSON object starting with '{{'")
+        raise FormatError(f"{path}: {what} must be a JSON object starting with '{{'")
     if not _json_depth_ok(text):
-        raise LimitError(f"{path}: header JSON nests deeper than {MAX_JSON_DEPTH} levels")
+        raise LimitError(f"{path}: {what} JSON nests deeper than {MAX_JSON_DEPTH} levels")
     try:
         obj = json.loads(text, object_pairs_hook=_no_duplicate_keys,
                          parse_constant=lambda c: (_ for _ in ()).throw(ValueError(f"{c} is not JSON")))
     except (ValueError, RecursionError) as exc:
-        raise FormatError(f"{path}: header is not valid JSON ({exc})") from None
+        raise FormatError(f"{path}: {what} is not valid JSON ({exc})") from None
     ver = obj.get("version") if isinstance(obj, dict) else None
-    strict = not (isinstance(ver, list) and len(ver) == 2 and isinstance(ver[1], int) and ver[1] > MINOR)
+    return obj, not (isinstance(ver, list) and len(ver) == 2 and isinstance(ver[1], int) and ver[1] > minor)
+
+
+def parse_header(raw: bytes, path: str = "<header>") -> Header:
+    """Decode, parse and validate header bytes (UTF-8 JSON) into a Header; FormatError when invalid."""
+    obj, strict = load_json_object(raw, path, "header")
     return _Checker(path, strict).header(obj)
 
 

@@ -40,9 +40,8 @@ from tallfmt import dtypes, maskmath
 from tallfmt.checkpoints import _write_atomic
 from tallfmt.codec import (EncodeOptions, EncodeReport, ProgressFn, _checkpoint_bytes, _find_aliases,
                            _open_encoder, _Plan, _plan_metadata, _role_summary, _write_archive)
-from tallfmt.container import (MAX_JSON_DEPTH, MAX_NAME_BYTES, MAX_TASKS, MAX_TENSORS, PREAMBLE_SIZE, _Checker,
-                               ContainerReader, Header, TaskEntry, TensorEntry, _json_depth_ok,
-                               _no_duplicate_keys, _umask)
+from tallfmt.container import (MAX_TASKS, MAX_TENSORS, PREAMBLE_SIZE, ContainerReader, Header, TaskEntry,
+                               TensorEntry, _Checker, _umask, load_json_object)
 from tallfmt.errors import ChecksumError, FormatError, InputError, LimitError
 
 INDEX_NAME = "tall.index.json"
@@ -242,21 +241,7 @@ def parse_index(raw: bytes, path: str = "<index>") -> ShardIndex:
                           f"digits>\"}}' (truncated, or not a tallfmt index)")
     if xxhash.xxh3_64_hexdigest(raw[:m.start()]) != m.group(1).decode():
         raise ChecksumError(f"{path}: index checksum mismatch (the file is damaged or was edited)")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise FormatError(f"{path}: index is not valid UTF-8 ({exc})") from None
-    if not text.startswith("{"):
-        raise FormatError(f"{path}: index must be a JSON object starting with '{{'")
-    if not _json_depth_ok(text):
-        raise LimitError(f"{path}: index JSON nests deeper than {MAX_JSON_DEPTH} levels")
-    try:
-        obj = json.loads(text, object_pairs_hook=_no_duplicate_keys,
-                         parse_constant=lambda c: (_ for _ in ()).throw(ValueError(f"{c} is not JSON")))
-    except (ValueError, RecursionError) as exc:
-        raise FormatError(f"{path}: index is not valid JSON ({exc})") from None
-    ver = obj.get("version") if isinstance(obj, dict) else None
-    strict = not (isinstance(ver, list) and len(ver) == 2 and isinstance(ver[1], int) and ver[1] > INDEX_MINOR)
+    obj, strict = load_json_object(raw, path, "index", INDEX_MINOR)
     return _IndexChecker(path, strict).index(obj)
 
 
