@@ -201,7 +201,7 @@ def _plan_metadata(base: Checkpoint, cks: list[Checkpoint], task_names: list[str
                 seen.add(n)
                 names.append(n)
     base_set, task_sets = set(base.names()), [set(ck.names()) for ck in cks]
-    plans, bad = [], []
+    plans, bad, why = [], [], []
     for n in names:
         if len(n.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES or not n:
             raise InputError(f"tensor name {n[:80]!r}… is empty or longer than {MAX_NAME_BYTES} bytes")
@@ -212,11 +212,26 @@ def _plan_metadata(base: Checkpoint, cks: list[Checkpoint], task_names: list[str
         else:
             bad.append(n)
             plans.append(_Plan(n, "per_task"))
+            if len(why) < 5:
+                why.append(_mismatch_reason(n, base, base_info, cks, task_infos))
     if bad and mismatch == "error":
         raise InputError(
-            f"tensors differ in presence, dtype or shape between the base and the tasks: {_describe(bad)}; "
-            f"pass mismatch='per_task' (CLI: --mismatch per_task) to store them per task")
+            f"tensors differ in presence, dtype or shape between the base and the tasks: {_describe(bad)}: "
+            f"{'; '.join(why)}{'; …' if len(bad) > len(why) else ''}. Pass mismatch='per_task' "
+            f"(CLI: --mismatch per_task) to store them per task")
     return plans
+
+
+def _mismatch_reason(name: str, base: Checkpoint, base_info: tuple | None, cks: list[Checkpoint],
+                     task_infos: list[tuple | None]) -> str:
+    """Which checkpoint differs from θ0 for one tensor, e.g. "'w' is F16 [3, 5] in x.safetensors, F32 [3, 5]
+    in the base"."""
+    def show(info: tuple | None) -> str:
+        return "missing" if info is None else f"{info[0]} {list(info[1])}"
+    for ck, info in zip(cks, task_infos):
+        if info != base_info:
+            return f"{name!r} is {show(info)} in {ck.source}, {show(base_info)} in the base {base.source}"
+    return f"{name!r} is {show(base_info)} in the base {base.source}"
 
 
 def _find_aliases(plans: list[_Plan], base: Checkpoint, cks: list[Checkpoint]) -> None:

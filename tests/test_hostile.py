@@ -487,7 +487,6 @@ def test_mismatched_checkpoints_list_the_tensors(tmp_path: Path, ckpts: tuple, c
     assert "mismatch" in msg  # the message tells how to store them instead
 
 
-@pytest.mark.xfail(strict=True, reason="the mismatch message lists the tensors but not which checkpoint differs")
 def test_mismatch_message_names_the_checkpoint(tmp_path: Path, ckpts: tuple) -> None:
     b, ts = ckpts
     from safetensors.torch import load_file
