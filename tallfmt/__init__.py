@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from tallfmt.errors import ChecksumError, FormatError, InputError, LimitError, TallError
+from tallfmt.errors import ChecksumError, FormatError, InputError, LimitError, TallError, WriteError
 
 __version__ = "0.1.0"
 
@@ -23,7 +23,8 @@ _LAZY = {
     "register_merge": "tallfmt.archive", "MERGES": "tallfmt.archive",
 }
 
-__all__ = [*_LAZY, "TallError", "FormatError", "ChecksumError", "LimitError", "InputError", "__version__"]
+__all__ = [*_LAZY, "TallError", "FormatError", "ChecksumError", "LimitError", "InputError", "WriteError",
+           "__version__"]
 
 
 def __getattr__(name: str) -> Any:

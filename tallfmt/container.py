@@ -32,7 +32,7 @@ import xxhash
 
 from tallfmt import dtypes
 from tallfmt.compression import CODECS, MAX_EXPANSION, Buffer, get_codec
-from tallfmt.errors import ChecksumError, FormatError, InputError, LimitError, TallError
+from tallfmt.errors import ChecksumError, FormatError, InputError, LimitError, WriteError
 
 MAGIC = b"\x89TALL\r\n\x1a"
 FORMAT_NAME = "tallfmt"
@@ -407,26 +407,21 @@ def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict:
     return out
 
 
-def _json_depth_ok(text: str) -> bool:
-    """Bracket nesting outside strings is at most MAX_JSON_DEPTH (checked before json parses it)."""
-    depth, in_str, esc = 0, False, False
-    for ch in text:
-        if in_str:
-            if esc:
-                esc = False
-            elif ch == "\\":
-                esc = True
-            elif ch == '"':
-                in_str = False
-        elif ch == '"':
-            in_str = True
-        elif ch in "[{":
-            depth += 1
-            if depth > MAX_JSON_DEPTH:
-                return False
-        elif ch in "]}":
-            depth -= 1
-    return True
+def _json_depth(obj: Any) -> int:
+    """Nesting depth of parsed JSON (iterative; the parser already refused recursion-limit depths)."""
+    depth, level = 0, [obj]
+    while level:
+        depth += 1
+        nxt = []
+        for v in level:
+            if isinstance(v, dict):
+                nxt.extend(x for x in v.values() if isinstance(x, (dict, list)))
+            elif isinstance(v, list):
+                nxt.extend(x for x in v if isinstance(x, (dict, list)))
+        level = nxt
+        if depth > MAX_JSON_DEPTH:
+            break
+    return depth
 
 
 def load_json_object(raw: bytes, path: str, what: str = "header", minor: int = MINOR) -> tuple[Any, bool]:
@@ -439,13 +434,16 @@ def load_json_object(raw: bytes, path: str, what: str = "header", minor: int = M
         raise FormatError(f"{path}: {what} is not valid UTF-8 ({exc})") from None
     if not text.startswith("{"):
         raise FormatError(f"{path}: {what} must be a JSON object starting with '{{'")
-    if not _json_depth_ok(text):
-        raise LimitError(f"{path}: {what} JSON nests deeper than {MAX_JSON_DEPTH} levels")
+    too_deep = LimitError(f"{path}: {what} JSON nests deeper than {MAX_JSON_DEPTH} levels")
     try:
         obj = json.loads(text, object_pairs_hook=_no_duplicate_keys,
                          parse_constant=lambda c: (_ for _ in ()).throw(ValueError(f"{c} is not JSON")))
-    except (ValueError, RecursionError) as exc:
+    except RecursionError:  # the C parser stops at the interpreter's recursion limit, long before the stack
+        raise too_deep from None
+    except ValueError as exc:
         raise FormatError(f"{path}: {what} is not valid JSON ({exc})") from None
+    if _json_depth(obj) > MAX_JSON_DEPTH:
+        raise too_deep
     ver = obj.get("version") if isinstance(obj, dict) else None
     return obj, not (isinstance(ver, list) and len(ver) == 2 and isinstance(ver[1], int) and ver[1] > minor)
 
@@ -645,11 +643,6 @@ def _itemsize_of(t: TensorEntry, s: Segment) -> int:
 
 # ----------------------------------------------------------------------------------------------
 # Writer
-
-
-class WriteError(TallError, OSError):
-    """Writing an archive failed (disk full, I/O error, permission): an OSError with the original errno,
-    raised after the temporary file was removed; the target path is left as it was."""
 
 
 class ContainerWriter:

@@ -22,5 +22,10 @@ class LimitError(FormatError):
     """An archive asks for more than a documented limit (header size, tensor count, expansion ratio)."""
 
 
+class WriteError(TallError, OSError):
+    """Writing an archive or a model failed (disk full, I/O error, permission): an OSError with the
+    original errno, raised after the temporary file was removed; the target path is left as it was."""
+
+
 class InputError(TallError, ValueError):
     """Bad input to encode/merge/decode: missing files, mismatched checkpoints, NaN/Inf, bad parameters."""
