@@ -25,8 +25,9 @@ TIES use the disjoint SUM (``ties_agg="sum"``), as the paper's code does for mas
 on the scale of the sum of the task vectors, like task arithmetic's.
 
 Cost: every accuracy is one forward pass of a 6-layer BERT over a split on 2 shared cores; the α sweeps
-(6 merges × 10 α × every task's validation split) dominate. ``--quick`` selects on a validation subset
-with coarser grids; ``--select-max`` / ``--test-max`` cap the splits independently.
+(6 merges × 10 α × every task's validation split) dominate, so α is chosen on the first 100 validation
+examples of each task (λ on all of them). ``--quick`` selects on 100 validation examples with coarser grids;
+``--lambda-val-max`` / ``--alpha-val-max`` / ``--test-max`` cap the splits independently.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see build.py: spinning OpenMP waits hurt on 2 shared cores
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import hashlib
@@ -86,7 +88,9 @@ class Settings:
     lambda_grid: tuple[float, ...] = (0.2, 0.3, 0.4, 0.5, 0.6)  # paper app. A.2
     alpha_grid: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
     lambda_val_max: int | None = None  # validation examples per task for λ selection (None: all)
-    alpha_val_max: int | None = 200    # validation examples per task for α selection (None: all)
+    # α is one number for all tasks, picked by the mean over T tasks: 100 examples per task (a random subset)
+    # resolve it well enough, and the α sweeps (6 merges × 10 values) are most of a full run's cost
+    alpha_val_max: int | None = 100    # validation examples per task for α selection (None: all)
     test_max: int | None = None    # test examples per task (None: all, and the recorded accuracies are used)
     ties_density: float = 0.2      # TIES trim: keep the top 20 % of each |τ_t| (TIES' default k)
     magnitude_density: float = 0.1  # magnitude masking keeps the top 10 % of each |τ_t| (paper sec. 6.2)
@@ -266,6 +270,15 @@ class Run:
         self.hparams: dict[str, str] = {}
         self.selection: dict[str, Any] = {}
         self.archives: dict[str, Path] = {}
+        self.timings: dict[str, float] = {}  # wall seconds per phase, this run (cached steps cost ~0)
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t
 
     # -- keys and cached steps
     def key(self, step: str, **params: Any) -> str:
@@ -471,41 +484,48 @@ class Run:
                   TEST_SPLIT: 3 + 2 + 2 * len(s.consensus_k)}
         log("work: " + ", ".join(f"{n} passes over {sp} ({tok[sp]:,} padded tokens each)" for sp, n in passes.items())
             + f": {sum(n * tok[sp] for sp, n in passes.items()):,} tokens in all")
-        self.reference()
+        with self.phase("reference"):
+            self.reference()
         if ev.seconds:
             log(f"  throughput so far: {ev.throughput()}")
 
         ties = dict(merge="ties", ties_density=s.ties_density)
-        lam_ta = self.select_lambdas("tall_ta", merge="task_arithmetic")
-        lam_ties = self.select_lambdas("tall_ties", ties_agg="sum", **ties)
+        with self.phase("λ selection"):
+            lam_ta = self.select_lambdas("tall_ta", merge="task_arithmetic")
+            lam_ties = self.select_lambdas("tall_ties", ties_agg="sum", **ties)
         self.hparams["tall_ta"] = "λ per task: " + _lam_list(lam_ta)
         self.hparams["tall_ties"] = "λ per task: " + _lam_list(lam_ties)
 
-        self.archive("tall_ta", merge="task_arithmetic", lambdas=lam_ta, codec="auto")
-        self.archive("tall_ties", lambdas=lam_ties, ties_agg="sum", codec="auto", **ties)
-        self.archive("ties_mean", ties_agg="mean", codec="auto", **ties)
-        self.archive("magnitude", merge="task_arithmetic", mask_method="magnitude",
-                     mask_density=s.magnitude_density, codec="auto")
+        with self.phase("encoding"):
+            self.archive("tall_ta", merge="task_arithmetic", lambdas=lam_ta, codec="auto")
+            self.archive("tall_ties", lambdas=lam_ties, ties_agg="sum", codec="auto", **ties)
+            self.archive("ties_mean", ties_agg="mean", codec="auto", **ties)
+            self.archive("magnitude", merge="task_arithmetic", mask_method="magnitude",
+                         mask_density=s.magnitude_density, codec="auto")
         self.hparams["magnitude"] = f"top {s.magnitude_density:.0%} of each |τ_t| (global)"
 
-        self.decode_each("tall_ta", "tall_ta")
-        self.decode_each("tall_ties", "tall_ties")
-        self.decode_each("magnitude", "magnitude")
+        with self.phase("decodes on test"):
+            self.decode_each("tall_ta", "tall_ta")
+            self.decode_each("tall_ties", "tall_ties")
+            self.decode_each("magnitude", "magnitude")
 
-        self.merge("ta", "tall_ta", "task_arithmetic")
-        self.merge("ties", "ties_mean", "task_arithmetic")
-        for k in s.consensus_k:
-            self.merge(f"cta_k{k}", "tall_ta", "consensus", k=k)
-        for k in s.consensus_k:
-            self.merge(f"cties_k{k}", "tall_ties", "consensus", k=k)
+        with self.phase("merges (α sweeps, test)"):
+            self.merge("ta", "tall_ta", "task_arithmetic")
+            self.merge("ties", "ties_mean", "task_arithmetic")
+            for k in s.consensus_k:
+                self.merge(f"cta_k{k}", "tall_ta", "consensus", k=k)
+            for k in s.consensus_k:
+                self.merge(f"cties_k{k}", "tall_ties", "consensus", k=k)
 
-        # the same archive as tall_ta with the other codecs: sizes only
-        self.archive("tall_ta_raw", merge="task_arithmetic", lambdas=lam_ta, codec="raw")
-        self.archive("tall_ta_zstd", merge="task_arithmetic", lambdas=lam_ta, codec="zstd")
-        storage = self.storage()
-        agreement = self.agreement()
+        with self.phase("storage"):
+            # the same archive as tall_ta with the other codecs: sizes only
+            self.archive("tall_ta_raw", merge="task_arithmetic", lambdas=lam_ta, codec="raw")
+            self.archive("tall_ta_zstd", merge="task_arithmetic", lambdas=lam_ta, codec="zstd")
+            storage = self.storage()
+            agreement = self.agreement()
         self.results.update(accuracy=self.acc, hparams=self.hparams, selection=self.selection, storage=storage,
-                            agreement=agreement, forward=ev.throughput(), seconds=time.perf_counter() - t_run)
+                            agreement=agreement, forward=ev.throughput(), seconds=time.perf_counter() - t_run,
+                            timings=self.timings)
         log(f"done in {time.perf_counter() - t_run:.0f} s; {ev.throughput()}")
         return self.results
 
@@ -605,13 +625,20 @@ def render(res: dict, command: str, date: str) -> str:
         f"(bench/zoo/README.md): θ0 = all-MiniLM-L6-v2 (22.7 M parameters), frozen linear-probe heads, "
         f"every encoder weight fine-tuned per task. Tasks: {', '.join(tasks)}.")
     add("")
+    if res.get("timings"):
+        load = res.get("load_average", {})
+        add("Time per phase (s): " + ", ".join(f"{k} {v:.0f}" for k, v in res["timings"].items())
+            + (f"; 1-minute load average {load['start']:.1f} at the start, {load['end']:.1f} at the end "
+               f"(other work shared the 2 cores)." if load else "."))
+        add("")
     def val(n: int | None) -> str:
         return "all of each task's validation split" if n is None else f"the first {n} validation examples of each task"
     test = "the whole test split" if s["test_max"] is None else f"the first {s['test_max']} test examples"
     add(f"Accuracy is on {test} of each task. λ per task (grid {list(s['lambda_grid'])}) was chosen with "
         f"`tallfmt.select_lambdas` on {val(s['lambda_val_max'])}, for TALL + TA and TALL + TIES separately; α per "
         f"merge (grid {list(s['alpha_grid'])}) by the mean accuracy over tasks with `tallfmt.select_alpha` on "
-        f"{val(s['alpha_val_max'])} (a random subset: splits are shuffled). "
+        f"{val(s['alpha_val_max'])} (splits are shuffled, so a prefix is a random subset; the α sweeps are most "
+        f"of the run's cost). "
         f"Normalized accuracy = acc / acc_fine-tuned per task, averaged (paper eq. 10); gain retention = "
         f"(acc − acc_θ0) / (acc_ft − acc_θ0) per task, averaged (tasks where fine-tuning changed nothing are "
         f"left out), and pooled = Σ(acc − acc_θ0) / Σ(acc_ft − acc_θ0).")
@@ -842,8 +869,9 @@ def main(argv: list[str] | None = None) -> None:
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     log(f"{command}  (torch {torch.__version__}, {torch.get_num_threads()} threads, python {platform.python_version()}, "
         f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())})")
+    load_start = os.getloadavg()[0]
     res = Run(args.zoo, args.tasks, args.out, s, fresh=args.fresh).run()
-    res["load_average_end"] = os.getloadavg()
+    res["load_average"] = {"start": load_start, "end": os.getloadavg()[0]}
     section = write_outputs(res, args.out, results_path, plot_path, command, date)
     print(section, flush=True)
     log(f"wrote {results_path} (section), {plot_path}, {args.out / 'results.json'}")
