@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from tallfmt import dtypes
-from tallfmt.container import _fsync_dir, _no_duplicate_keys
+from tallfmt._files import fsync_dir, loads_strict_object
 from tallfmt.dtypes import DTYPES, DType
 from tallfmt.errors import InputError
 
@@ -138,25 +138,8 @@ def _nbytes(shape: tuple[int, ...], itemsize: int, limit: int = 1 << 64) -> int 
     return n
 
 
-def _reject_constant(c: str) -> Any:
-    raise ValueError(f"{c} is not JSON")
-
-
 def _load_json(raw: bytes, fail: Any, what: str) -> dict:
-    """Strict JSON object: UTF-8, starts with '{', no duplicate keys, no NaN/Infinity."""
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise fail(f"{what} is not valid UTF-8 ({exc})") from None
-    if not text.startswith("{"):
-        raise fail(f"{what} must be a JSON object starting with '{{'")
-    try:
-        obj = json.loads(text, object_pairs_hook=_no_duplicate_keys, parse_constant=_reject_constant)
-    except (ValueError, RecursionError) as exc:
-        raise fail(f"{what} is not valid JSON ({exc})") from None
-    if not isinstance(obj, dict):
-        raise fail(f"{what} is not a JSON object")
-    return obj
+    return loads_strict_object(raw, fail, what)
 
 
 def _is_uint(v: Any) -> bool:
@@ -559,7 +542,7 @@ class _AtomicFile:
             self.abort()
             raise
         self.done = True
-        _fsync_dir(self.path.parent)
+        fsync_dir(self.path.parent)
 
     def abort(self) -> None:
         if not self.done:

@@ -343,19 +343,20 @@ class _Encoder:
     # --- global thresholds (TIES global trim, global magnitude masks) -----------------------------
     def global_thresholds(self, masked: list[_Plan], density: float) -> torch.Tensor:
         """Exact per-task k-th largest |τ_t| over all masked parameters: two streaming passes."""
-        total = sum(math.prod(p.shape) for p in masked)
-        sel = [maskmath.TopKThreshold(total, density, device=self.device) for _ in self.tasks]
-        self._sweep(masked, sel, "update_hi")
-        for s in sel:
-            s.finish_hi()
-        self._sweep(masked, sel, "update_lo")
-        for s in sel:
-            s.finish_lo()
-        return torch.tensor([s.threshold for s in sel], dtype=torch.float32, device=self.device)
+        return self._thresholds([p.name for p in masked], sum(math.prod(p.shape) for p in masked), density)
 
-    def _sweep(self, plans: list[_Plan], sel: list, method: str) -> None:
-        for p in plans:
-            self._sweep_tensor(p.name, sel, method)
+    def tensor_thresholds(self, name: str, numel: int, density: float) -> torch.Tensor:
+        """The same over one tensor (per_tensor scope)."""
+        return self._thresholds([name], numel, density)
+
+    def _thresholds(self, names: list[str], total: int, density: float) -> torch.Tensor:
+        sel = [maskmath.TopKThreshold(total, density, device=self.device) for _ in self.tasks]
+        for update, finish in (("update_hi", "finish_hi"), ("update_lo", "finish_lo")):
+            for name in names:
+                self._sweep_tensor(name, sel, update)
+            for s in sel:
+                getattr(s, finish)()
+        return torch.tensor([s.threshold for s in sel], dtype=torch.float32, device=self.device)
 
     def _sweep_tensor(self, name: str, sel: list, method: str) -> None:
         b = self._flat(self.base, name)
@@ -364,16 +365,6 @@ class _Encoder:
             theta0 = b[s:e].to(self.device, dtype=torch.float32)
             for t, f in enumerate(flats):
                 getattr(sel[t], method)(maskmath.task_vector(f[s:e].to(self.device, dtype=torch.float32), theta0))
-
-    def tensor_thresholds(self, name: str, numel: int, density: float) -> torch.Tensor:
-        sel = [maskmath.TopKThreshold(numel, density, device=self.device) for _ in self.tasks]
-        self._sweep_tensor(name, sel, "update_hi")
-        for s in sel:
-            s.finish_hi()
-        self._sweep_tensor(name, sel, "update_lo")
-        for s in sel:
-            s.finish_lo()
-        return torch.tensor([s.threshold for s in sel], dtype=torch.float32, device=self.device)
 
     # --- one masked tensor ------------------------------------------------------------------------
     def encode_masked(self, p: _Plan, ties_thr: torch.Tensor | None, mag_thr: torch.Tensor | None

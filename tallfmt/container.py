@@ -31,6 +31,7 @@ import numpy as np
 import xxhash
 
 from tallfmt import dtypes
+from tallfmt._files import fsync_dir, loads_strict_object, umask
 from tallfmt.compression import CODECS, MAX_EXPANSION, Buffer, get_codec
 from tallfmt.errors import ChecksumError, FormatError, InputError, LimitError, WriteError
 
@@ -398,52 +399,13 @@ def _is_unicode(s: str) -> bool:
     return True
 
 
-def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict:
-    out = {}
-    for k, v in pairs:
-        if k in out:
-            raise ValueError(f"duplicate key {k!r}")
-        out[k] = v
-    return out
-
-
-def _json_depth(obj: Any) -> int:
-    """Nesting depth of parsed JSON (iterative; the parser already refused recursion-limit depths)."""
-    depth, level = 0, [obj]
-    while level:
-        depth += 1
-        nxt = []
-        for v in level:
-            if isinstance(v, dict):
-                nxt.extend(x for x in v.values() if isinstance(x, (dict, list)))
-            elif isinstance(v, list):
-                nxt.extend(x for x in v if isinstance(x, (dict, list)))
-        level = nxt
-        if depth > MAX_JSON_DEPTH:
-            break
-    return depth
-
-
 def load_json_object(raw: bytes, path: str, what: str = "header", minor: int = MINOR) -> tuple[Any, bool]:
     """Decode and parse a header-like JSON object by §1.2's rules (UTF-8, starts with '{', depth,
     no duplicate keys, no NaN/Infinity): (object, strict), strict unless its ``version`` minor number
     is newer than ``minor``, the reader's. FormatError/LimitError name ``path`` and ``what``."""
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise FormatError(f"{path}: {what} is not valid UTF-8 ({exc})") from None
-    if not text.startswith("{"):
-        raise FormatError(f"{path}: {what} must be a JSON object starting with '{{'")
-    too_deep = LimitError(f"{path}: {what} JSON nests deeper than {MAX_JSON_DEPTH} levels")
-    try:
-        obj = json.loads(text, object_pairs_hook=_no_duplicate_keys,
-                         parse_constant=lambda c: (_ for _ in ()).throw(ValueError(f"{c} is not JSON")))
-    except RecursionError:  # the C parser stops at the interpreter's recursion limit, long before the stack
-        raise too_deep from None
-    except ValueError as exc:
-        raise FormatError(f"{path}: {what} is not valid JSON ({exc})") from None
-    if _json_depth(obj) > MAX_JSON_DEPTH:
-        raise too_deep
+    obj = loads_strict_object(raw, lambda msg: FormatError(f"{path}: {msg}"), what,
+                              lambda: LimitError(f"{path}: {what} JSON nests deeper than {MAX_JSON_DEPTH} levels"),
+                              MAX_JSON_DEPTH)
     ver = obj.get("version") if isinstance(obj, dict) else None
     return obj, not (isinstance(ver, list) and len(ver) == 2 and isinstance(ver[1], int) and ver[1] > minor)
 
@@ -730,12 +692,12 @@ class ContainerWriter:
             self._file.flush()
             os.fsync(self._file.fileno())
             self._file.close()
-            os.chmod(self.tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
+            os.chmod(self.tmp_path, 0o666 & ~umask())  # mkstemp makes 0600; give the usual permissions
             os.replace(self.tmp_path, self.path)
         except OSError as exc:
             raise self._error(f"cannot finish {self.tmp_path.name}", exc) from exc
         self._done = True
-        _fsync_dir(self.path.parent)
+        fsync_dir(self.path.parent)
         return self.path
 
     def abort(self) -> None:
@@ -755,22 +717,3 @@ class ContainerWriter:
     def __exit__(self, exc_type: object, *rest: object) -> None:
         if not self._done:
             self.abort()
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder if str(folder) else ".", os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

@@ -37,11 +37,12 @@ import torch
 import xxhash
 
 from tallfmt import dtypes, maskmath
+from tallfmt._files import umask
 from tallfmt.checkpoints import _write_atomic
 from tallfmt.codec import (EncodeOptions, EncodeReport, ProgressFn, _checkpoint_bytes, _find_aliases,
                            _open_encoder, _Plan, _plan_metadata, _role_summary, _write_archive)
 from tallfmt.container import (MAX_TASKS, MAX_TENSORS, PREAMBLE_SIZE, ContainerReader, Header, TaskEntry,
-                               TensorEntry, _Checker, _umask, load_json_object)
+                               TensorEntry, _Checker, load_json_object)
 from tallfmt.errors import ChecksumError, FormatError, InputError, LimitError
 
 INDEX_NAME = "tall.index.json"
@@ -727,7 +728,7 @@ def _drive(runner: Any, base: Any, tasks: tuple[tuple[str, Any], ...], folder: P
                        _weight_map(plans, names, jobs))
     raw = index.to_bytes()
     _write_atomic(index_path, raw)  # temp file + fsync + rename + folder fsync (FORMAT.md §8)
-    os.chmod(index_path, 0o666 & ~_umask())  # mkstemp made it 0600; the shards have the usual mode
+    os.chmod(index_path, 0o666 & ~umask())  # mkstemp made it 0600; the shards have the usual mode
 
     roles_all: dict[str, int] = {}
     role_bytes: dict[str, int] = {}
