@@ -415,7 +415,7 @@ def _count_tensors(source: str) -> int | None:
 @click.option("--shards", type=click.IntRange(min=1), default=None,
               help="Write a sharded archive: OUTPUT becomes a folder of N shard files + tall.index.json.")
 @click.option("--max-shard-size", default=None, help="Sharded archive: shards of at most this size, e.g. 2GB.")
-@click.option("--scheduler", default=None, help="Sharded archive: a Dask scheduler address to run the shards on.")
+@click.option("--dask-scheduler", "--scheduler", "scheduler", default=None, help="Sharded archive: a Dask scheduler address to run the shards on.")
 @click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
 def encode(base: str, finetunes: tuple[str, ...], output: str, names: tuple[str, ...], merge: str,
            ties_density: float, ties_agg: str, ties_scope: str, lambdas: tuple[str, ...], mask_method: str,
