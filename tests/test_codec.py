@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
@@ -38,10 +38,6 @@ def _encode(coll, folder: Path, name: str = "zoo.tall", **kw) -> tuple[Path, tal
     return path, report
 
 
-def _itemsize(t: torch.Tensor) -> int:
-    return t.element_size()
-
-
 def check_report(report: tallfmt.EncodeReport, path: Path, coll) -> None:
     """The EncodeReport describes the file that was written."""
     with tallfmt.open(path) as zoo:
@@ -58,7 +54,7 @@ def check_report(report: tallfmt.EncodeReport, path: Path, coll) -> None:
         assert report.params == dict(params)
         assert report.archive_bytes == path.stat().st_size
         assert sum(role_bytes.values()) < report.archive_bytes
-        raw = sum(t.numel() * _itemsize(t) for sd in (coll.base, *coll.tasks.values()) for t in sd.values())
+        raw = sum(t.numel() * t.element_size() for sd in (coll.base, *coll.tasks.values()) for t in sd.values())
         assert report.input_bytes == raw
         assert report.ratio == pytest.approx(raw / report.archive_bytes)
         assert report.task_stats == {t: {k: v for k, v in zoo.task_info(t).items() if k not in ("name", "lambda")}
