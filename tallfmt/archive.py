@@ -13,6 +13,7 @@ Decoding a task reads θ0, τ_MTL and only that task's masks, and runs the fused
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -56,7 +57,7 @@ class MergeMethod:
 
 def _check_alpha(params: dict[str, Any], num_tasks: int) -> dict[str, Any]:
     alpha = params.pop("alpha", 0.4)
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha):
         raise InputError(f"alpha must be a finite number, got {alpha!r}")
     return {"alpha": float(alpha)}
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import numbers
 import struct
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -59,7 +60,7 @@ def _check_lambdas(lambdas: float | Mapping[str, float], tasks: list[str]) -> di
     else:
         out = {t: lambdas for t in tasks}
     for t, v in out.items():
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0 \
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or v <= 0 \
                 or not _fits_float32(v):
             raise InputError(f"lambda for task {t!r} must be a finite number > 0 that fits in float32, got {v!r}")
     return {t: float(v) for t, v in out.items()}
@@ -75,7 +76,7 @@ def _fits_float32(v: float) -> bool:
 
 
 def _check_fraction(name: str, v: Any) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
+    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0 <= v <= 1:
         raise InputError(f"{name} must be a number in [0, 1], got {v!r}")
     return float(v)
 
