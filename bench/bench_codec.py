@@ -217,7 +217,7 @@ def part_decode(a: argparse.Namespace) -> str:
     ]
     t = C.interleaved(cases, a.repeats, after=gc.collect)
     base_touch = t[cases[0][0]]
-    base_clone = t[cases[1][0]]
+    base_clone = t[cases[2][0]]  # one torch thread: torch's default threads slow clone() on a busy machine
     base_pread = t[cases[3][0]]
     rows = []
     for name, _ in cases:
@@ -229,8 +229,8 @@ def part_decode(a: argparse.Namespace) -> str:
             f"{len(layout)} tensors, {a.dtype}); original checkpoint {nbytes / 1e6:.0f} MB; archives: auto "
             f"{sizes['auto'] / 1e6:.0f} MB, raw {sizes['raw'] / 1e6:.0f} MB (inputs "
             f"{C.files_bytes([base, *tasks]) / 1e6:.0f} MB); page cache warm; best of {a.repeats}.\n\n")
-    return head + C.md_table(["case", "best", "MB/s of model", "× load_file+touch", "× load_file+clone",
-                              "× load_file(pread)"], rows)
+    return head + C.md_table(["case", "best", "MB/s of model", "× load_file+touch",
+                              "× load_file+clone (torch threads 1)", "× load_file(pread)"], rows)
 
 
 def part_encode(a: argparse.Namespace) -> str:
