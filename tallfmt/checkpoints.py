@@ -93,6 +93,12 @@ class Checkpoint:
         memory between tensors (safetensors files) or the tensor has no elements."""
         return None
 
+    def release(self, name: str) -> None:
+        """Hint that ``name`` will not be read again soon: a memory-mapped file drops its pages from
+        this process (the page cache keeps them), so a streaming pass over a large model does not grow
+        the resident set by every byte it read. Tensors from ``get()`` stay valid; a no-op for sources
+        held in memory."""
+
     def close(self) -> None:
         """Release files and mappings. Tensors already returned by ``get()`` stay valid."""
 
@@ -243,6 +249,18 @@ class _SafetensorsFile(Checkpoint):
             a = a.copy()
         return dtypes.to_torch(a.view(e.dtype.storage), e.dtype).reshape(e.shape)
 
+    def release(self, name: str) -> None:
+        e = self._entry(name)
+        if self._mm is None or e.end == e.begin:
+            return
+        # Whole pages only; a page shared with a neighbour is simply read again from the file.
+        start = (self._data_start + e.begin) // mmap.PAGESIZE * mmap.PAGESIZE
+        end = self._data_start + e.end
+        try:
+            self._mm.madvise(mmap.MADV_DONTNEED, start, end - start)
+        except (AttributeError, OSError, ValueError):
+            pass  # only a hint (no madvise on this platform)
+
     def close(self) -> None:
         """Unmaps now, or - while tensors from ``get()`` still reference it - when the last one is freed."""
         self._u8 = None
@@ -328,6 +346,9 @@ class _ShardedCheckpoint(Checkpoint):
 
     def get(self, name: str) -> torch.Tensor:
         return self._shard(name).get(name)
+
+    def release(self, name: str) -> None:
+        self._shard(name).release(name)
 
     def close(self) -> None:
         for s in self._shards.values():

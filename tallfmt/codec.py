@@ -293,6 +293,15 @@ class _Encoder:
         self.task_names_sets = [set(ck.names()) for ck in cks]
 
     # --- reading -------------------------------------------------------------------------------
+    def release(self, name: str) -> None:
+        """Drop a finished tensor's mapped pages from every checkpoint that has it, so the resident
+        set stays near the bound instead of growing by every byte read (the page cache keeps them)."""
+        if name in self.base_names:
+            self.base.release(name)
+        for ck, names in zip(self.cks, self.task_names_sets):
+            if name in names:
+                ck.release(name)
+
     def _flat(self, ck: Checkpoint, name: str) -> torch.Tensor:
         t = ck.get(name)
         if t.device.type != "cpu":
@@ -329,6 +338,8 @@ class _Encoder:
                 continue
             b = self.base.get(p.name)
             same = all(_equal_bytes(b, ck.get(p.name)) for ck in self.cks)
+            del b
+            self.release(p.name)
             maskable = p.dtype in dtypes.MASKABLE and not any(fnmatch.fnmatchcase(p.name, pat)
                                                               for pat in self.opts.per_task)
             p.role = "shared" if same else ("masked" if maskable else "per_task")
@@ -366,6 +377,8 @@ class _Encoder:
             theta0 = b[s:e].to(self.device, dtype=torch.float32)
             for t, f in enumerate(flats):
                 getattr(sel[t], method)(maskmath.task_vector(f[s:e].to(self.device, dtype=torch.float32), theta0))
+        del b, flats
+        self.release(name)
 
     # --- one masked tensor ------------------------------------------------------------------------
     def encode_masked(self, p: _Plan, ties_thr: torch.Tensor | None, mag_thr: torch.Tensor | None
@@ -497,6 +510,7 @@ def _write_archive(enc: _Encoder, plans: list[_Plan], path: str | Path, ties_thr
     with ContainerWriter(path, overwrite=overwrite) as writer:
         for p in plans:
             entries.append(_write_tensor(writer, enc, p, ties_thr, mag_thr, opts.codec))
+            enc.release(p.name)
             if progress is not None:
                 progress(1)
         task_entries = tuple(TaskEntry(t, opts.lambdas.get(t), enc.stats[i].result())
