@@ -455,8 +455,8 @@ def ties_merge(
        matters on exact cancellations). Zero entries are never kept.
     4. agg "sum": Σ kept (task order); "mean": Σ kept / (number kept), 0 where none is kept.
 
-    `taus` is a T×n tensor or a sequence of T equal-shape tensors. Memory: the tasks are visited one
-    at a time, so beyond the inputs it holds O(n) temporaries, never T×n; callers stream chunks.
+    `taus` is a T×n tensor or a sequence of T equal-shape tensors. Memory: T trimmed copies of the
+    chunk besides the inputs, so callers stream chunks of bounded size.
 
     >>> taus = torch.tensor([[3.0, -1.0, 0.5], [-1.0, -2.0, 4.0]])
     >>> ties_merge(taus, torch.tensor([1.0, 1.0]), "sum")
@@ -471,16 +471,15 @@ def ties_merge(
     if not rows:
         return _empty_width(taus)
 
-    def trimmed(t: int) -> Tensor:
-        r = rows[t]
-        return torch.where(r.abs() >= thr[t], r, 0.0)
-
-    elected = _seq_sum((trimmed(t) for t in range(len(rows))), rows[0]).sign_()
+    # Trimmed once per task (T chunk-sized temporaries; callers bound the chunk size).
+    trimmed = [torch.where(r.abs() >= thr[t], r, 0.0) for t, r in enumerate(rows)]
+    elected = _seq_sum(trimmed, rows[0]).sign_()
     acc = torch.zeros_like(rows[0])
     n_kept = torch.zeros_like(rows[0]) if agg == "mean" else None
-    for t in range(len(rows)):
-        tr = trimmed(t)
-        keep = (tr.sign() == elected) & (elected != 0)
+    for tr in trimmed:
+        # sign(tr) == s also drops zero entries (sign 0) wherever s != 0; where s == 0 it only matches
+        # zeros, which add nothing to the sum and leave a mean of 0: the rule of step 3 either way.
+        keep = tr.sign() == elected
         acc.add_(torch.where(keep, tr, 0.0))
         if n_kept is not None:
             n_kept.add_(keep)
