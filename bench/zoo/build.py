@@ -287,6 +287,7 @@ def _environment() -> dict:
         "safetensors": package_version("safetensors"),
         "numpy": np.__version__,
         "torch_threads": torch.get_num_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "machine": platform.machine(),
     }
 
