@@ -430,7 +430,7 @@ def encode(base: Any, tasks: Mapping[str, Any], path: str | Path, *, merge: str 
            mismatch: str = "error", metadata: Mapping[str, str] | None = None, overwrite: bool = True,
            chunk_size: int = DEFAULT_CHUNK, progress: ProgressFn | None = None, shards: int | None = None,
            max_shard_size: int | None = None, scheduler: Any = None, retries: int = 3,
-           per_task: Any = DEFAULT_PER_TASK) -> EncodeReport:
+           per_task: Any = DEFAULT_PER_TASK, threads: int | None = None) -> EncodeReport:
     """Encode θ0 and T fine-tunes of it into one .tall archive at ``path``.
 
     ``base`` and each task source: a .safetensors file, a HF folder (model.safetensors or a sharded
@@ -440,7 +440,11 @@ def encode(base: Any, tasks: Mapping[str, Any], path: str | Path, *, merge: str 
     ``mask_density`` of |τ_t|). ``mismatch="per_task"`` stores tensors whose presence, dtype or shape
     differ between checkpoints per task instead of refusing them. Float tensors whose names match a
     glob in ``per_task`` (default: batch-norm running statistics) are stored verbatim per task when
-    they differ. ``progress(n)`` is called with the number of tensors written.
+    they differ. ``progress(n)`` is called with the number of tensors written. ``threads``: torch
+    intra-op threads for the mask math while encoding (restored afterwards; None keeps torch's
+    setting). On a machine whose cores are busy with other work, ``threads=1`` (or
+    OMP_WAIT_POLICY=PASSIVE) avoids OpenMP threads spinning for each chunk-sized op: measured 7× faster
+    there, and 0.8× as fast on an idle 2-core machine (bench/RESULTS.md).
 
     ``shards=N`` or ``max_shard_size=BYTES`` make ``path`` a folder of shard files plus
     ``tall.index.json`` (FORMAT.md §9, see :mod:`tallfmt.sharded`); ``scheduler`` (a
@@ -467,6 +471,29 @@ def encode(base: Any, tasks: Mapping[str, Any], path: str | Path, *, merge: str 
                                mismatch=mismatch, metadata=metadata, chunk_size=chunk_size, per_task=per_task)
     if not overwrite and Path(path).exists():  # before any input is read
         raise InputError(f"{path}: already exists (pass overwrite=True / --force to replace it)")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise InputError(f"threads must be a positive integer or None, got {threads!r}")
+    with _torch_threads(threads):
+        return _encode(base, tasks, path, opts, task_names, overwrite, progress, shards, max_shard_size,
+                       scheduler, retries, t0)
+
+
+@contextmanager
+def _torch_threads(n: int | None) -> Iterator[None]:
+    if n is None or n == torch.get_num_threads():
+        yield
+        return
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def _encode(base: Any, tasks: Mapping[str, Any], path: str | Path, opts: EncodeOptions, task_names: list[str],
+            overwrite: bool, progress: ProgressFn | None, shards: int | None, max_shard_size: int | None,
+            scheduler: Any, retries: int, t0: float) -> EncodeReport:
     if shards is not None or max_shard_size is not None or scheduler is not None:
         from tallfmt.sharded import encode_sharded  # sharded imports this module
 

@@ -81,3 +81,18 @@ def test_cli_per_task_option(tmp_path: Path) -> None:
                         *flags], check=True)
         with tallfmt.open(out) as zoo:
             assert zoo.roles["bn.running_var"] == role, flags
+
+
+def test_encode_threads_are_scoped(tmp_path: Path) -> None:
+    base, tasks = _bn_zoo()
+    before = torch.get_num_threads()
+    seen = []
+    tallfmt.encode(base, tasks, tmp_path / "a.tall", threads=1,
+                   progress=lambda n: seen.append(torch.get_num_threads()))
+    assert set(seen) == {1} and torch.get_num_threads() == before
+    tallfmt.encode(base, tasks, tmp_path / "b.tall", threads=None,
+                   progress=lambda n: seen.append(torch.get_num_threads()))
+    assert seen[-1] == before
+    assert (tmp_path / "a.tall").read_bytes() == (tmp_path / "b.tall").read_bytes()
+    with pytest.raises(tallfmt.InputError, match="threads"):
+        tallfmt.encode(base, tasks, tmp_path / "c.tall", threads=0)
