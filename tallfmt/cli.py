@@ -406,6 +406,8 @@ def _count_tensors(source: str) -> int | None:
 @click.option("--codec", type=click.Choice(CODEC_CHOICES), default="auto", show_default=True,
               help="Segment codec (auto: byteplane-zstd for floats, zstd for masks).")
 @click.option("--device", default=None, help="torch device for the mask math, e.g. cuda:0 (default cpu).")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="torch threads for the mask math (default: torch's; 1 is faster when the cores are busy).")
 @click.option("--mismatch", type=click.Choice(["error", "per_task"]), default="error", show_default=True,
               help="Tensors whose presence/dtype/shape differ between checkpoints: refuse, or store per task.")
 @click.option("--per-task", "per_task", multiple=True, metavar="GLOB",
@@ -419,7 +421,8 @@ def _count_tensors(source: str) -> int | None:
 @click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
 def encode(base: str, finetunes: tuple[str, ...], output: str, names: tuple[str, ...], merge: str,
            ties_density: float, ties_agg: str, ties_scope: str, lambdas: tuple[str, ...], mask_method: str,
-           mask_density: float, codec: str, device: str | None, mismatch: str, per_task: tuple[str, ...],
+           mask_density: float, codec: str, device: str | None, threads: int | None, mismatch: str,
+           per_task: tuple[str, ...],
            metadata: tuple[str, ...], shards: int | None, max_shard_size: str | None, scheduler: str | None, force: bool) -> None:
     """Encode BASE (θ0) and its fine-tunes FT ... into one .tall archive.
 
@@ -447,7 +450,8 @@ def encode(base: str, finetunes: tuple[str, ...], output: str, names: tuple[str,
         report = tallfmt.encode(base, dict(zip(tasks, finetunes)), out, merge=merge, lambdas=lam,
                                 ties_density=ties_density, ties_agg=ties_agg, ties_scope=ties_scope,
                                 mask_method=mask_method, mask_density=mask_density, codec=codec,
-                                device=device, mismatch=mismatch, per_task=patterns, metadata=meta,
+                                device=device, threads=threads, mismatch=mismatch, per_task=patterns,
+                                metadata=meta,
                                 overwrite=force,
                                 progress=update, shards=shards, max_shard_size=shard_size, scheduler=scheduler)
     roles = ", ".join(f"{n} {r}" for r, n in report.roles.items())
