@@ -137,8 +137,12 @@ class StepCache:
     def get(self, key: str) -> Any:
         return self.data.get(key, {}).get("value")
 
-    def put(self, key: str, what: str, value: Any) -> Any:
-        self.data[key] = {"what": what, "value": value}
+    def seconds(self, key: str) -> float:
+        """How long the step took when it was computed."""
+        return float(self.data.get(key, {}).get("seconds", 0.0))
+
+    def put(self, key: str, what: str, value: Any, seconds: float = 0.0) -> Any:
+        self.data[key] = {"what": what, "value": value, "seconds": seconds}
         write_json_atomic(self.path, self.data)
         return value
 
@@ -271,6 +275,7 @@ class Run:
         self.selection: dict[str, Any] = {}
         self.archives: dict[str, Path] = {}
         self.timings: dict[str, float] = {}  # wall seconds per phase, this run (cached steps cost ~0)
+        self.reused_seconds = 0.0  # what the steps taken from the cache took when they were computed
 
     @contextlib.contextmanager
     def phase(self, name: str):
@@ -288,9 +293,12 @@ class Run:
         k = self.key(step, **params)
         hit = self.cache.get(k)
         if hit is not None:
+            self.reused_seconds += self.cache.seconds(k)
             log(f"{step}: cached")
             return hit
-        return self.cache.put(k, step, fn())
+        t = time.perf_counter()
+        value = fn()
+        return self.cache.put(k, step, value, time.perf_counter() - t)
 
     # -- evaluation callables
     def select_fn(self, label: str, split: str, grid: tuple[float, ...], name: str) -> Callable:
@@ -465,12 +473,26 @@ class Run:
         return s
 
     def agreement(self) -> dict:
+        """Eq. 7 histograms of the two TALL archives, and per task the parameters of its mask and its
+        selfish ones (kept by its mask only: what consensus with k = 2 takes from it)."""
         out = {}
         for name in ("tall_ta", "tall_ties"):
             with tallfmt.open(self.archives[name]) as z:
                 counts = [int(c) for c in z.agreement().tolist()]
                 tasks = archive_summary(z)["tasks"]
-            out[name] = {"counts": counts, "rows": agreement_table(counts), "mask": tasks}
+                kept = dict.fromkeys(z.tasks, 0)
+                selfish = dict.fromkeys(z.tasks, 0)
+                for tensor, role in z.roles.items():
+                    if role != "masked":
+                        continue
+                    masks = [z.mask(t, tensor).reshape(-1) for t in z.tasks]
+                    alone = torch.stack(masks).sum(0, dtype=torch.int32) == 1
+                    for t, m in zip(z.tasks, masks):
+                        kept[t] += int(m.sum())
+                        selfish[t] += int((m & alone).sum())
+                    del masks, alone
+            out[name] = {"counts": counts, "rows": agreement_table(counts), "mask": tasks,
+                         "kept": kept, "selfish": selfish}
         return out
 
     # -- everything
@@ -525,7 +547,7 @@ class Run:
             agreement = self.agreement()
         self.results.update(accuracy=self.acc, hparams=self.hparams, selection=self.selection, storage=storage,
                             agreement=agreement, forward=ev.throughput(), seconds=time.perf_counter() - t_run,
-                            timings=self.timings)
+                            timings=self.timings, reused_seconds=self.reused_seconds)
         log(f"done in {time.perf_counter() - t_run:.0f} s; {ev.throughput()}")
         return self.results
 
@@ -596,9 +618,32 @@ def diagnostics(res: dict, met: dict) -> list[str]:
         rows = res["agreement"]["tall_ta"]["rows"]
         removed = sum(r["fraction"] for r in rows if r["n"] < k)
         diff = ", ".join(f"{t} {100 * (c['acc'][t] - met['ta']['acc'][t]):+.1f}" for t in tasks)
-        out.append(f"Consensus TA k={k} ({res['hparams'][f'cta_k{k}']}) vs task arithmetic "
-                   f"({res['hparams']['ta']}): {100 * (c['mean_acc'] - ta):+.2f} points; it zeroes "
-                   f"{100 * removed:.1f} % of τ_MTL (kept by fewer than {k} masks); per task (points): {diff}.")
+        text = (f"Consensus TA k={k} ({res['hparams'][f'cta_k{k}']}) vs task arithmetic "
+                f"({res['hparams']['ta']}): {100 * (c['mean_acc'] - ta):+.2f} points; it zeroes "
+                f"{100 * removed:.1f} % of τ_MTL (kept by fewer than {k} masks); per task (points): {diff}.")
+        sc_c = res["selection"][f"alpha_cta_k{k}"]["scores"].values()
+        sc_t = res["selection"]["alpha_ta"]["scores"].values()
+        verdict = (": not an artefact of choosing α." if max(sc_c) < max(sc_t) else
+                   ": a tie on validation." if max(sc_c) == max(sc_t) else ": validation ranks them the other way.")
+        text += (f" On the validation subset its best α scores {100 * max(sc_c):.1f} against task arithmetic's "
+                 f"{100 * max(sc_t):.1f}{verdict}")
+        hurt = [t for t in tasks if met["ta"]["acc"][t] < met["zeroshot"]["acc"][t]]
+        if hurt:
+            text += f" Task arithmetic itself is below zero-shot on {', '.join(hurt)}."
+        ag = res["agreement"]["tall_ta"]
+        if k >= 2 and "selfish" in ag:
+            worst = sorted(tasks, key=lambda t: c["acc"][t] - met["ta"]["acc"][t])[:2]
+            share = {t: ag["selfish"][t] / ag["kept"][t] if ag["kept"][t] else 0.0 for t in tasks}
+            avg = sum(share.values()) / len(share)
+            text += (" The two tasks that lose most have " + " and ".join(
+                f"{100 * share[t]:.1f} % ({t})" for t in worst) + f" of their own mask selfish, against "
+                f"{100 * avg:.1f} % on average")
+            if all(share[t] <= avg for t in worst):
+                text += (": k=2 takes little of their own weights, so what costs them accuracy is losing the other "
+                         "tasks' selfish (and the catastrophic) weights, the ones the paper expects to interfere.")
+            else:
+                text += ": that much of their own masks is zeroed by k=2."
+        out.append(text)
     z = st["archives"]["tall_ta"]["sizes"]
     ratio = z["total"] / st["paper_formula"]
     if ratio > 0.8:
@@ -620,7 +665,10 @@ def render(res: dict, command: str, date: str) -> str:
     add = L.append
     add(f"{SECTION_PREFIX}, {T} tasks)")
     add("")
-    add(f"Measured {date} with `{command}` in {res['seconds'] / 60:.1f} min on this machine "
+    reused = res.get("reused_seconds", 0.0)
+    add(f"Measured {date} with `{command}` in {res['seconds'] / 60:.1f} min"
+        + (f" (plus {reused / 60:.1f} min of steps reused from an earlier run's cache)" if reused >= 30 else "")
+        + " on this machine "
         f"({os.cpu_count()} cores, shared; {res['forward']}). Zoo: `{Path(res['zoo']).name}` "
         f"(bench/zoo/README.md): θ0 = all-MiniLM-L6-v2 (22.7 M parameters), frozen linear-probe heads, "
         f"every encoder weight fine-tuned per task. Tasks: {', '.join(tasks)}.")
@@ -791,6 +839,14 @@ def render(res: dict, command: str, date: str) -> str:
     dens = " ".join(f"{short[m['name']]} {100 * (m['mask_density'] or 0):.1f}" for m in ag["tall_ta"]["mask"])
     add(f"Mask density per task (TALL + TA, % of P'): {dens}.")
     add("")
+    if "selfish" in ag["tall_ta"]:
+        for name, label in (("tall_ta", "TALL + TA"), ("tall_ties", "TALL + TIES")):
+            a = ag[name]
+            add(f"Selfish share of each task's mask ({label}: parameters only that task keeps, what consensus "
+                "with k = 2 takes from it), %: " + " ".join(
+                    f"{short[t]} {100 * a['selfish'][t] / a['kept'][t]:.1f}" if a["kept"][t] else f"{short[t]} –"
+                    for t in tasks) + ".")
+            add("")
     if res.get("plot"):
         add(f"![mask agreement, TALL + TA]({res['plot']})")
         add("")
