@@ -620,7 +620,8 @@ def diagnostics(res: dict, met: dict) -> list[str]:
         diff = ", ".join(f"{t} {100 * (c['acc'][t] - met['ta']['acc'][t]):+.1f}" for t in tasks)
         text = (f"Consensus TA k={k} ({res['hparams'][f'cta_k{k}']}) vs task arithmetic "
                 f"({res['hparams']['ta']}): {100 * (c['mean_acc'] - ta):+.2f} points; it zeroes "
-                f"{100 * removed:.1f} % of τ_MTL (kept by fewer than {k} masks); per task (points): {diff}.")
+                f"{100 * removed:.1f} % of τ_MTL ({'kept by no mask' if k == 1 else f'kept by fewer than {k} masks'}); "
+                f"per task (points): {diff}.")
         sc_c = res["selection"][f"alpha_cta_k{k}"]["scores"].values()
         sc_t = res["selection"]["alpha_ta"]["scores"].values()
         verdict = (": not an artefact of choosing α." if max(sc_c) < max(sc_t) else
@@ -705,7 +706,7 @@ def render(res: dict, command: str, date: str) -> str:
     for k in s["consensus_k"]:
         c = met[f"cta_k{k}"]["mean_acc"]
         add(f"| Consensus TA (k={k}) ≥ Task arithmetic (mean accuracy) | {_pct(c, 2)} % vs {_pct(ta, 2)} % | "
-            f"{'met' if c >= ta else 'missed'} by {100 * (c - ta):+.2f} points |")
+            + (f"met ({100 * (c - ta):+.2f} points)" if c >= ta else f"missed by {100 * (ta - c):.2f} points") + " |")
     add(f"| archive ≤ 0.8 × paper formula (lossless, codec auto) | {ratio:.3f} × "
         f"({_mb(st['archives']['tall_ta']['sizes']['total'])} MB vs {_mb(st['paper_formula'])} MB) | "
         f"{'met' if ratio <= 0.8 else f'missed by {ratio - 0.8:.3f} ×'} |")
