@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import operator
+from typing import Any
+
 
 class TallError(Exception):
     """Base class of every error tallfmt raises on purpose."""
@@ -29,3 +32,16 @@ class WriteError(TallError, OSError):
 
 class InputError(TallError, ValueError):
     """Bad input to encode/merge/decode: missing files, mismatched checkpoints, NaN/Inf, bad parameters."""
+
+
+def check_count(value: Any, name: str) -> int:
+    """``value`` as a non-negative int (numpy integers too, bools refused), else InputError naming it."""
+    if isinstance(value, bool) or type(value).__name__ == "bool_":
+        raise InputError(f"{name}: expected a non-negative integer, got {value!r}")
+    try:
+        n = operator.index(value)
+    except TypeError:
+        raise InputError(f"{name}: expected a non-negative integer, got {type(value).__name__}") from None
+    if n < 0:
+        raise InputError(f"{name}: expected a non-negative integer, got {n}")
+    return n

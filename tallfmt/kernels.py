@@ -12,7 +12,6 @@ read-only (memory-mapped) and unaligned arrays all share one compiled version, c
 
 from __future__ import annotations
 
-import operator
 import platform
 import threading
 from collections.abc import Callable
@@ -26,7 +25,7 @@ from numba.core import config
 from numba.extending import intrinsic
 
 from tallfmt.dtypes import by_name
-from tallfmt.errors import FormatError, InputError
+from tallfmt.errors import FormatError, InputError, check_count
 
 __all__ = ["pack_bits", "pack_bits_into", "unpack_bits", "padding_ok", "popcount", "decode_masked",
            "add_bits", "mask_stats", "split_planes", "merge_planes", "DECODE_DTYPES"]
@@ -298,18 +297,6 @@ def _decode_kernel(base: np.ndarray, tau: np.ndarray, packed: np.ndarray, out: n
 
 
 # --- validation ----------------------------------------------------------------------------------
-def _count(n: Any, name: str = "n") -> int:
-    if isinstance(n, (bool, np.bool_)):
-        raise InputError(f"{name}: expected a non-negative integer, got {n!r}")
-    try:
-        v = operator.index(n)
-    except TypeError:
-        raise InputError(f"{name}: expected a non-negative integer, got {type(n).__name__}") from None
-    if v < 0:
-        raise InputError(f"{name}: expected a non-negative integer, got {v}")
-    return v
-
-
 def _vector(a: Any, name: str, dtypes: tuple[Any, ...], *, writeable: bool = False) -> np.ndarray:
     """`a` if it is a 1-D C-contiguous ndarray of one of `dtypes` (writable if asked), else InputError."""
     if not isinstance(a, np.ndarray):
@@ -393,7 +380,7 @@ def unpack_bits(packed: np.ndarray, n: int, *, check_padding: bool = True) -> np
 
     FormatError if the length is wrong, or (when check_padding) if a padding bit is set.
     """
-    n = _count(n)
+    n = check_count(n, "n")
     p = _packed_len(packed, n)
     if check_padding:
         _check_padding(p, n)
@@ -404,13 +391,13 @@ def unpack_bits(packed: np.ndarray, n: int, *, check_padding: bool = True) -> np
 
 def padding_ok(packed: np.ndarray, n: int) -> bool:
     """True when the bits past n in the last byte are zero (FormatError if len != ceil(n/8))."""
-    n = _count(n)
+    n = check_count(n, "n")
     return _padding_bits(_packed_len(packed, n), n) == 0
 
 
 def popcount(packed: np.ndarray, n: int, *, check_padding: bool = False) -> int:
     """Number of set bits among the first n bits of `packed` (padding bits are not counted)."""
-    n = _count(n)
+    n = check_count(n, "n")
     p = _packed_len(packed, n)
     if check_padding:
         _check_padding(p, n)
@@ -423,7 +410,7 @@ def add_bits(counts: np.ndarray, packed: np.ndarray, n: int, *, check_padding: b
     Counting T task masks this way gives how many tasks keep each parameter. Counters wrap at their
     width, so choose one wider than the number of masks added (uint8 holds up to 255).
     """
-    n = _count(n)
+    n = check_count(n, "n")
     c = _vector(counts, "counts", (np.uint8, np.uint16, np.uint32), writeable=True)
     if c.shape[0] != n:
         raise InputError(f"counts: expected length {n}, got {c.shape[0]}")

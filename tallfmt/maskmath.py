@@ -18,7 +18,6 @@ Rules every function here keeps:
 from __future__ import annotations
 
 import math
-import operator
 import struct
 from fractions import Fraction
 from typing import Sequence
@@ -26,7 +25,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from tallfmt.errors import InputError
+from tallfmt.errors import InputError, check_count
 
 __all__ = [
     "task_vector",
@@ -92,16 +91,6 @@ def _float32_scalar(value: object, name: str, *, allow_inf: bool = False) -> flo
         raise InputError(f"{name}: {v} does not fit in float32") from None
 
 
-def _count(value: object, name: str) -> int:
-    if isinstance(value, bool):
-        raise InputError(f"{name}: expected an int, got bool")
-    try:
-        n = operator.index(value)
-    except TypeError:
-        raise InputError(f"{name}: expected an int, got {type(value).__name__}") from None
-    if n < 0:
-        raise InputError(f"{name}: must be >= 0, got {n}")
-    return n
 
 
 def task_vector(theta_t: Tensor, theta0: Tensor) -> Tensor:
@@ -175,7 +164,7 @@ def topk_count(total: int, density: float) -> int:
     >>> topk_count(100, 0.07), topk_count(10, 0.1), topk_count(3, 0.5), topk_count(5, 0.0)
     (7, 1, 2, 0)
     """
-    n = _count(total, "total")
+    n = check_count(total, "total")
     d = _real(density, "density")
     if not 0.0 <= d <= 1.0:
         raise InputError(f"density: must be in [0, 1], got {density}")
@@ -230,7 +219,7 @@ class TopKThreshold:
     """
 
     def __init__(self, total: int, density: float, device: torch.device | str | None = None) -> None:
-        self.total = _count(total, "total")
+        self.total = check_count(total, "total")
         self.density = density
         self.k = topk_count(self.total, density)
         self.device = torch.device(device) if device is not None else None
@@ -542,7 +531,7 @@ def consensus_mask(counts: Tensor, k: int) -> Tensor:
     tensor([False, False,  True,  True])
     """
     c = _counts(counts)
-    kk = _count(k, "k")
+    kk = check_count(k, "k")
     if kk > torch.iinfo(c.dtype).max:
         # torch would wrap k into the counts' dtype (uint8: 257 -> 1); no count can reach k
         return torch.zeros_like(c, dtype=torch.bool)
@@ -557,7 +546,7 @@ def agreement_histogram(counts: Tensor, num_tasks: int) -> Tensor:
     tensor([1, 1, 2, 0])
     """
     c = _counts(counts).reshape(-1)
-    t = _count(num_tasks, "num_tasks")
+    t = check_count(num_tasks, "num_tasks")
     if c.numel() and c.dtype != torch.uint8 and bool((c < 0).any()):
         raise InputError("counts: negative entries")
     hist = torch.bincount(c, minlength=t + 1)
