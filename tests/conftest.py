@@ -12,3 +12,15 @@ def toy_zoo(tmp_path_factory):
     import _zoo_toy
 
     return _zoo_toy.build(tmp_path_factory.mktemp("zoo"))
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Run a module with one torch intra-op thread: on tiny tensors more threads only add contention
+    (seconds per test on a loaded machine). Restores the setting afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -42,12 +42,7 @@ from tallfmt.errors import FormatError, InputError, LimitError, TallError
 HERE = Path(__file__).resolve().parent
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _zoo(seed: int = 0, tasks: tuple[str, ...] = ("a", "b", "c")) -> tuple[dict, dict]:

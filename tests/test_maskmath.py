@@ -45,13 +45,7 @@ values = st.one_of(
 densities = st.one_of(st.sampled_from([0.0, 1e-9, 1e-3, 0.2, 0.5, 0.7, 1.0]), st.floats(0.0, 1.0))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny tensors: intra-op threads only add contention (seconds under a loaded machine)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def f32(xs) -> torch.Tensor:
