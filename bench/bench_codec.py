@@ -39,7 +39,7 @@ import torch
 
 import _common as C  # noqa: E402  (bench/ is on sys.path when run as a script)
 from tallfmt import kernels  # noqa: E402
-from tallfmt.compression import get_codec  # noqa: E402
+from tallfmt.format.codecs import get_codec  # noqa: E402
 
 CODEC_IDS = ("raw", "zstd", "byteplane-zstd")
 

@@ -23,6 +23,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from tallfmt import kernels  # noqa: E402
+from tallfmt.kernels import core as kernel_core  # noqa: E402
 
 Case = tuple[str, str, Callable[[], object], float, str]  # group, name, fn, units per call, unit
 
@@ -140,7 +141,7 @@ def main(argv: list[str] | None = None) -> None:
     times = measure(cases, a.repeats)
     best = [min(ts) for ts in times]
     print(f"n={a.n:,} density={a.density} repeats={a.repeats}, torch threads=1, {platform.machine()}, "
-          f"numba float16 conversion: {'F16C' if kernels._NATIVE_HALF else 'integer'}")
+          f"numba float16 conversion: {'F16C' if kernel_core.NATIVE_HALF else 'integer'}")
     print("| group | case | throughput (best of repeats) | × first row of group |")
     print("|---|---|---|---|")
     first: dict[str, float] = {}

@@ -17,10 +17,11 @@ __version__ = "0.1.0"
 
 # Heavy modules (torch, numba) load on first use, so `import tallfmt` and `tallfmt --help` stay fast.
 _LAZY = {
-    "encode": "tallfmt.codec", "select_lambdas": "tallfmt.codec", "select_alpha": "tallfmt.codec",
-    "EncodeReport": "tallfmt.codec",
-    "open": "tallfmt.archive", "Archive": "tallfmt.archive", "MergeMethod": "tallfmt.archive",
-    "register_merge": "tallfmt.archive", "MERGES": "tallfmt.archive",
+    "encode": "tallfmt.write.pipeline", "EncodeReport": "tallfmt.write.report",
+    "open": "tallfmt.read.archive", "Archive": "tallfmt.read.archive",
+    "select_lambdas": "tallfmt.tuning", "select_alpha": "tallfmt.tuning",
+    "MergeMethod": "tallfmt.read.merges", "Param": "tallfmt.read.merges", "register_merge": "tallfmt.read.merges",
+    "MERGES": "tallfmt.read.merges", "register_codec": "tallfmt.format.codecs", "CODECS": "tallfmt.format.codecs",
 }
 
 __all__ = [*_LAZY, "TallError", "FormatError", "ChecksumError", "LimitError", "InputError", "WriteError",

@@ -30,12 +30,17 @@ import click
 
 from tallfmt import __version__
 from tallfmt.errors import TallError
+from tallfmt.format import codecs
+from tallfmt.format.header import MASK_METHODS, MERGE_METHODS
+from tallfmt.read.merges import DEFAULT_MERGE, MERGES
+from tallfmt.summary import agreement_table, format_summary, human_bytes, pct, plot_agreement, summary, text_table
+from tallfmt.write.options import DEFAULTS, MISMATCH, SCOPES, TIES_AGGS
 
-if TYPE_CHECKING:  # torch-heavy modules load only when a command needs them
-    from tallfmt.archive import Archive
+if TYPE_CHECKING:
+    from tallfmt.read.archive import Archive
 
-CODEC_CHOICES = ("auto", "raw", "zstd", "byteplane-zstd")
-MERGE_CHOICES = ("consensus", "task_arithmetic", "zeroshot")
+#: Entry-point groups whose objects are registered before a command runs (codecs, merge methods).
+PLUGIN_GROUPS = ("tallfmt.codecs", "tallfmt.merges")
 # File names that say nothing about the task: the folder they sit in names it instead.
 GENERIC_STEMS = {"model", "pytorch_model", "adapter_model", "diffusion_pytorch_model"}
 
@@ -51,8 +56,41 @@ class CommandError(click.ClickException):
         click.echo(f"tallfmt: error: {self.format_message()}", err=True)
 
 
+def load_plugins() -> None:
+    """Register the codecs and merge methods that installed packages declare as entry points
+    (groups ``tallfmt.codecs`` and ``tallfmt.merges``), once."""
+    if getattr(load_plugins, "done", False):
+        return
+    load_plugins.done = True  # type: ignore[attr-defined]
+    from importlib.metadata import entry_points
+
+    from tallfmt.read.merges import register_merge
+
+    register = {"tallfmt.codecs": codecs.register_codec, "tallfmt.merges": register_merge}
+    for group in PLUGIN_GROUPS:
+        for ep in entry_points(group=group):
+            try:
+                obj = ep.load()
+            except Exception as exc:  # a broken plugin must not break every command
+                click.echo(f"tallfmt: warning: plugin {ep.name!r} ({ep.value}) failed to load: {exc}", err=True)
+                continue
+            known = codecs.CODECS if group == "tallfmt.codecs" else MERGES
+            if getattr(obj, "codec_id", getattr(obj, "name", None)) not in known:
+                register[group](obj)
+
+
 class _Group(click.Group):
-    """Turns TallError and OSError raised by any command into one line on stderr (exit 1)."""
+    """Turns TallError and OSError raised by any command into one line on stderr (exit 1), and builds
+    the registry-driven commands (merge) once plugins are loaded."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), "merge"])
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name == "merge":
+            load_plugins()
+            return merge_command()
+        return super().get_command(ctx, name)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -66,6 +104,23 @@ class _Group(click.Group):
                 traceback.print_exc()
             msg = str(exc) if isinstance(exc, TallError) else f"{type(exc).__name__}: {exc}"
             raise CommandError(msg or type(exc).__name__) from exc
+
+
+class RegistryChoice(click.Choice):
+    """A choice whose values come from a registry when they are needed (after plugins are loaded)."""
+
+    def __init__(self, names: Callable[[], list[str]]) -> None:
+        self._names = names
+        super().__init__([])
+
+    @property  # type: ignore[override]
+    def choices(self) -> list[str]:
+        load_plugins()
+        return self._names()
+
+    @choices.setter
+    def choices(self, value: Any) -> None:
+        pass
 
 
 @dataclass
@@ -85,25 +140,22 @@ def _say(msg: str = "") -> None:
 
 
 @contextmanager
-def progress(total: int | None, desc: str, unit: str = "tensor") -> Iterator[Callable[[int], None]]:
-    """A tqdm bar on stderr when it is a terminal and not --quiet; yields ``update(n)``."""
+def progress(total: int | None, desc: str) -> Iterator[Callable[[int, int | None], None]]:
+    """A tqdm bar of bytes on stderr when it is a terminal and not --quiet; yields
+    ``update(advance, total=None)`` (a total given later replaces the first)."""
     show = not _settings().quiet and sys.stderr.isatty()
     if not show:
-        yield lambda n: None
+        yield lambda n, total=None: None
         return
     from tqdm import tqdm
 
-    with tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, leave=False, dynamic_ncols=True) as bar:
-        yield bar.update
-
-
-def human_bytes(n: float) -> str:
-    """1536 -> '1.5 KiB' (binary units)."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
+    with tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
+              leave=False, dynamic_ncols=True) as bar:
+        def update(n: int, total: int | None = None) -> None:
+            if total is not None and bar.total != total:
+                bar.total = total
+            bar.update(n)
+        yield update
 
 
 _SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -124,193 +176,11 @@ def parse_size(text: str) -> int:
     return int(value * _SIZE_UNITS[unit])
 
 
-def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:.1f}%"
-
-
-def _num(x: float | None, fmt: str = ".3f") -> str:
-    return "-" if x is None else format(x, fmt)
-
-
-def text_table(rows: list[list[str]], align: str) -> list[str]:
-    """Rows of cells as aligned text lines; ``align`` has one 'l' or 'r' per column."""
-    widths = [max(len(r[i]) for r in rows) for i in range(len(align))]
-    return ["  ".join(c.ljust(w) if a == "l" else c.rjust(w) for c, w, a in zip(r, widths, align)).rstrip()
-            for r in rows]
-
 
 def _open(path: str | Path) -> Archive:
-    import tallfmt
+    from tallfmt.read.archive import open as open_archive
 
-    return tallfmt.open(path)
-
-
-# ----------------------------------------------------------------------------------------------
-# The size arithmetic behind `info` (text and --json) and the demo
-
-
-def summary(zoo: Archive) -> dict[str, Any]:
-    """Everything `tallfmt info` shows, as plain JSON-ready data.
-
-    Raw collection = θ0 and the T checkpoints stored as plain tensors: (T+1)·n·itemsize for masked
-    and shared tensors, each per-task copy at its own size, aliases nothing (tied storage). Paper
-    formula (TALL-masks appendix C, assumes 32-bit floats) = (64+T)·P' + 32·F bits, P' masked and F
-    shared parameters; per-task tensors are added at their raw size on both sides.
-    """
-    from tallfmt import dtypes
-
-    header = zoo.header
-    T = len(zoo.tasks)
-    roles = {r: {"tensors": 0, "params": 0} for r in ("masked", "shared", "per_task", "alias")}
-    raw = per_task_raw = 0
-    for e in header.tensors:
-        roles[e.role]["tensors"] += 1
-        if e.role in ("masked", "shared"):
-            roles[e.role]["params"] += e.numel
-            raw += (T + 1) * e.numel * dtypes.by_name(e.dtype).itemsize
-        elif e.role == "per_task":
-            # θ0's copy counts as the model's parameters; every copy counts in the raw collection.
-            roles["per_task"]["params"] += e.base_item.numel if e.base_item is not None else 0
-            per_task_raw += sum(it.data.decoded_length for it in (e.base_item, *e.task_items) if it is not None)
-    raw += per_task_raw
-    p_masked, p_shared = roles["masked"]["params"], roles["shared"]["params"]
-    params = p_masked + p_shared + roles["per_task"]["params"]
-    paper_bits = (64 + T) * p_masked + 32 * p_shared
-    paper = math.ceil(paper_bits / 8) + per_task_raw
-    sizes = zoo.sizes()
-    total = sizes["total"]
-    tasks = []
-    for t in zoo.tasks:
-        info = zoo.task_info(t)
-        tasks.append({"name": t, "lambda": info.get("lambda"), "mask_density": info.get("mask_density"),
-                      "rel_error": info.get("rel_error"), "cosine": info.get("cosine")})
-    return {
-        "path": str(zoo.path),
-        "format_version": list(header.version),
-        "num_tasks": T,
-        "shards": len(zoo.shards) if zoo.index is not None else None,
-        "tasks": tasks,
-        "encoding": header.encoding,
-        "roles": roles,
-        "params": {"masked": p_masked, "shared": p_shared, "per_task": roles["per_task"]["params"],
-                   "total": params},
-        "bytes": sizes,
-        "bits_per_param": 8 * total / params if params else None,
-        "raw_collection": {"bytes": raw, "bits_per_param": 8 * raw / params if params else None,
-                           "ratio": raw / total if total else None},
-        "paper_formula": {"bytes": paper, "bits": paper_bits, "assumes": "32-bit floats",
-                          "formula": "(64+T)*P' + 32*F bits, + per-task tensors raw",
-                          "ratio": paper / total if total else None},
-        "metadata": dict(header.metadata),
-    }
-
-
-_PART_LABELS = (("theta0", "θ0 (masked tensors)"), ("tau", "τ_MTL"), ("masks", "masks"),
-                ("shared", "shared tensors"), ("per_task", "per-task tensors"), ("header", "header + preamble"),
-                ("padding", "alignment padding"))
-
-
-def format_summary(s: dict[str, Any]) -> str:
-    """The text form of :func:`summary`."""
-    T = s["num_tasks"]
-    enc = s["encoding"]
-    merge = enc["merge"]["method"] + ("" if enc["merge"]["method"] != "ties" else
-                                      f" (density {enc['merge']['density']}, {enc['merge']['agg']}, "
-                                      f"{enc['merge']['scope']})")
-    mask = enc["mask"]["method"] + ("" if enc["mask"]["method"] != "magnitude" else
-                                    f" (density {enc['mask']['density']}, {enc['mask']['scope']})")
-    total = s["bytes"]["total"]
-    shards = f", {s['shards']} shards" if s["shards"] else ""
-    out = [f"{s['path']}: {human_bytes(total)}, tallfmt format {'.'.join(map(str, s['format_version']))}, "
-           f"{T} task{'s' if T != 1 else ''}{shards}",
-           f"τ_MTL: {merge}; masks: {mask}", ""]
-    rows = [["task", "λ", "mask density", "rel error", "cosine"]]
-    rows += [[t["name"], _num(t["lambda"], ".2f"), _pct(t["mask_density"]), _num(t["rel_error"]),
-              _num(t["cosine"], ".4f")] for t in s["tasks"]]
-    out += text_table(rows, "lrrrr")
-    out.append("  (rel error ‖θ̂_t − θ_t‖/‖τ_t‖ and cosine(m_t∘τ_MTL, τ_t) were measured at encode time)")
-    out.append("")
-    rows = [["tensor role", "tensors", "parameters"]]
-    rows += [[r, f"{v['tensors']:,}", f"{v['params']:,}" if r != "alias" else "(tied to their targets)"]
-             for r, v in s["roles"].items()]
-    out += text_table(rows, "lrr")
-    out.append("")
-    rows = [["stored part", "bytes", "share"]]
-    rows += [[label, human_bytes(s["bytes"][k]), _pct(s["bytes"][k] / total if total else None)]
-             for k, label in _PART_LABELS]
-    rows.append(["total", human_bytes(total), ""])
-    out += text_table(rows, "lrr")
-    out.append("")
-    raw, paper = s["raw_collection"], s["paper_formula"]
-    if s["bits_per_param"] is not None:
-        out.append(f"bits per parameter: {s['bits_per_param']:.2f} "
-                   f"(raw collection: {raw['bits_per_param']:.2f}; {s['params']['total']:,} parameters per model)")
-    out.append(f"vs the raw collection (θ0 + {T} checkpoints, {human_bytes(raw['bytes'])}): {_ratio(raw['ratio'])}")
-    out.append(f"vs the paper's storage formula (64+T)·P' + 32·F bits = {human_bytes(paper['bytes'])} "
-               f"(appendix C; assumes 32-bit floats): {_ratio(paper['ratio'])}")
-    if s["metadata"]:
-        out.append("")
-        out.append("metadata: " + ", ".join(f"{k}={v}" for k, v in s["metadata"].items()))
-    return "\n".join(out)
-
-
-def _ratio(r: float | None) -> str:
-    if not r:
-        return "-"
-    return f"{r:.2f}× smaller" if r >= 1 else f"{1 / r:.2f}× larger"
-
-
-# ----------------------------------------------------------------------------------------------
-# Agreement statistics (paper eq. 7, Fig. 3)
-
-
-def agreement_kind(n: int, num_tasks: int) -> str:
-    """The paper's name for parameters kept by exactly n of T masks."""
-    if n == 0:
-        return "catastrophic"
-    if n == num_tasks:
-        return "universal"
-    return "selfish" if n == 1 else "general"
-
-
-def agreement_table(counts: list[int]) -> list[dict[str, Any]]:
-    """Rows n, kind, params, fraction, and the fraction kept by consensus with k = n (kept by ≥ n)."""
-    T = len(counts) - 1
-    total = sum(counts)
-    rows, at_least = [], total
-    for n, c in enumerate(counts):
-        rows.append({"n": n, "kind": agreement_kind(n, T), "params": c,
-                     "fraction": c / total if total else 0.0,
-                     "kept_by_consensus_k": at_least / total if total else 0.0})
-        at_least -= c
-    return rows
-
-
-def _plot(path: Path, title: str, rows: list[dict[str, Any]], tasks: list[dict[str, Any]]) -> None:
-    try:
-        from matplotlib.figure import Figure
-        from matplotlib.patches import Patch
-    except ImportError:
-        raise CommandError("--plot needs matplotlib: pip install 'tallfmt[plot]'") from None
-    colors = {"catastrophic": "#c0392b", "selfish": "#e67e22", "general": "#2e86c1", "universal": "#27ae60"}
-    fig = Figure(figsize=(11, 4.2), layout="constrained")
-    ax1, ax2 = fig.subplots(1, 2, width_ratios=[3, 2])
-    ax1.bar([r["n"] for r in rows], [100 * r["fraction"] for r in rows], color=[colors[r["kind"]] for r in rows])
-    ax1.set_xticks([r["n"] for r in rows])
-    ax1.set_xlabel("n = number of task masks that keep the parameter")
-    ax1.set_ylabel("% of masked parameters")
-    ax1.set_title("mask agreement (TALL-masks eq. 7)")
-    kinds = list(dict.fromkeys(r["kind"] for r in rows))
-    ax1.legend(handles=[Patch(color=colors[k], label=k) for k in kinds], frameon=False)
-    names = [t["name"] for t in tasks]
-    dens = [100 * (t["mask_density"] or 0.0) for t in tasks]
-    ax2.barh(range(len(names)), dens, color="#7f8c8d")
-    ax2.set_yticks(range(len(names)), labels=names)
-    ax2.invert_yaxis()
-    ax2.set_xlabel("% of masked parameters kept")
-    ax2.set_title("mask density per task")
-    fig.suptitle(title)
-    fig.savefig(path, dpi=110)
+    return open_archive(path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -358,9 +228,11 @@ def _parse_lambdas(values: tuple[str, ...], tasks: list[str]) -> float | dict[st
             raise click.BadParameter(f"no task {key!r}; tasks are {', '.join(tasks)}", param_hint="--lambda")
         else:
             per_task[key] = x
+    if default is None:
+        default = DEFAULTS.lambdas
     if not per_task:
-        return 0.4 if default is None else default
-    return {t: per_task.get(t, 0.4 if default is None else default) for t in tasks}
+        return default
+    return {t: per_task.get(t, default) for t in tasks}
 
 
 def _parse_metadata(values: tuple[str, ...]) -> dict[str, str]:
@@ -373,14 +245,7 @@ def _parse_metadata(values: tuple[str, ...]) -> dict[str, str]:
     return out
 
 
-def _count_tensors(source: str) -> int | None:
-    try:
-        from tallfmt.checkpoints import open_checkpoint
-
-        with open_checkpoint(source) as ck:
-            return len(ck.names())
-    except TallError:
-        return None  # encode itself reports the problem
+D = DEFAULTS  # encode's defaults, defined once (tallfmt.write.options)
 
 
 @cli.command(short_help="Encode θ0 and its fine-tunes into one archive.")
@@ -390,40 +255,42 @@ def _count_tensors(source: str) -> int | None:
               help="The .tall file to write (a folder with --shards/--max-shard-size).")
 @click.option("--name", "names", multiple=True,
               help="Task name, once per FT in order (default: each file's stem or folder's name).")
-@click.option("--merge", type=click.Choice(["task_arithmetic", "ties"]), default="task_arithmetic",
-              show_default=True, help="How τ_MTL is made.")
-@click.option("--ties-density", type=float, default=0.2, show_default=True, help="TIES: fraction kept per task.")
-@click.option("--ties-agg", type=click.Choice(["sum", "mean"]), default="sum", show_default=True,
+@click.option("--merge", type=click.Choice(MERGE_METHODS), default=D.merge, show_default=True,
+              help="How τ_MTL is made.")
+@click.option("--ties-density", type=float, default=D.ties_density, show_default=True,
+              help="TIES: fraction kept per task.")
+@click.option("--ties-agg", type=click.Choice(TIES_AGGS), default=D.ties_agg, show_default=True,
               help="TIES: disjoint sum (the paper's masks) or mean.")
-@click.option("--ties-scope", type=click.Choice(["global", "per_tensor"]), default="global", show_default=True,
+@click.option("--ties-scope", type=click.Choice(SCOPES), default=D.ties_scope, show_default=True,
               help="TIES: trim over all parameters (paper) or per tensor (mergekit).")
 @click.option("--lambda", "lambdas", multiple=True, metavar="X | TASK=X",
-              help="TALL mask λ: one number for every task (default 0.4) and/or task=number, repeatable.")
-@click.option("--mask", "mask_method", type=click.Choice(["tall", "magnitude"]), default="tall",
+              help=f"TALL mask λ: one number for every task (default {D.lambdas}) and/or task=number, repeatable.")
+@click.option("--mask", "mask_method", type=click.Choice(MASK_METHODS), default=D.mask_method,
               show_default=True, help="Mask rule: TALL (eq. 5) or the paper's magnitude baseline.")
-@click.option("--mask-density", type=float, default=0.1, show_default=True,
+@click.option("--mask-density", type=float, default=D.mask_density, show_default=True,
               help="Magnitude masks: fraction of |τ_t| kept per task.")
-@click.option("--codec", type=click.Choice(CODEC_CHOICES), default="auto", show_default=True,
+@click.option("--codec", type=RegistryChoice(codecs.choices), default=D.codec, show_default=True,
               help="Segment codec (auto: byteplane-zstd for floats, zstd for masks).")
 @click.option("--device", default=None, help="torch device for the mask math, e.g. cuda:0 (default cpu).")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="torch threads for the mask math (default: torch's; 1 is faster when the cores are busy).")
-@click.option("--mismatch", type=click.Choice(["error", "per_task"]), default="error", show_default=True,
+@click.option("--mismatch", type=click.Choice(MISMATCH), default=D.mismatch, show_default=True,
               help="Tensors whose presence/dtype/shape differ between checkpoints: refuse, or store per task.")
 @click.option("--per-task", "per_task", multiple=True, metavar="GLOB",
               help="Float tensors named like GLOB are stored verbatim per task when they differ, repeatable "
-                   "(default: batch-norm running statistics; --per-task '' for none).")
+                   f"(default: {' '.join(D.per_task)}; --per-task '' for none).")
 @click.option("--metadata", "metadata", multiple=True, metavar="KEY=VALUE", help="Free metadata, repeatable.")
 @click.option("--shards", type=click.IntRange(min=1), default=None,
               help="Write a sharded archive: OUTPUT becomes a folder of N shard files + tall.index.json.")
 @click.option("--max-shard-size", default=None, help="Sharded archive: shards of at most this size, e.g. 2GB.")
-@click.option("--dask-scheduler", "--scheduler", "scheduler", default=None, help="Sharded archive: a Dask scheduler address to run the shards on.")
+@click.option("--dask-scheduler", "--scheduler", "scheduler", default=None,
+              help="Sharded archive: a Dask scheduler address to run the shards on.")
 @click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
 def encode(base: str, finetunes: tuple[str, ...], output: str, names: tuple[str, ...], merge: str,
            ties_density: float, ties_agg: str, ties_scope: str, lambdas: tuple[str, ...], mask_method: str,
            mask_density: float, codec: str, device: str | None, threads: int | None, mismatch: str,
-           per_task: tuple[str, ...],
-           metadata: tuple[str, ...], shards: int | None, max_shard_size: str | None, scheduler: str | None, force: bool) -> None:
+           per_task: tuple[str, ...], metadata: tuple[str, ...], shards: int | None, max_shard_size: str | None,
+           scheduler: str | None, force: bool) -> None:
     """Encode BASE (θ0) and its fine-tunes FT ... into one .tall archive.
 
     Each of BASE and FT is a .safetensors file, a folder with model.safetensors or a sharded
@@ -441,13 +308,11 @@ def encode(base: str, finetunes: tuple[str, ...], output: str, names: tuple[str,
     lam = _parse_lambdas(lambdas, tasks)
     meta = _parse_metadata(metadata)
     shard_size = parse_size(max_shard_size) if max_shard_size is not None else None
-    import tallfmt
-    from tallfmt.codec import DEFAULT_PER_TASK
+    from tallfmt.write.pipeline import encode as encode_archive
 
-    patterns = tuple(p for p in per_task if p) if per_task else DEFAULT_PER_TASK
-    total = _count_tensors(base) if sys.stderr.isatty() and not _settings().quiet else None
-    with progress(total, "encode") as update:
-        report = tallfmt.encode(base, dict(zip(tasks, finetunes)), out, merge=merge, lambdas=lam,
+    patterns = tuple(p for p in per_task if p) if per_task else DEFAULTS.per_task
+    with progress(None, "encode") as update:
+        report = encode_archive(base, dict(zip(tasks, finetunes)), out, merge=merge, lambdas=lam,
                                 ties_density=ties_density, ties_agg=ties_agg, ties_scope=ties_scope,
                                 mask_method=mask_method, mask_density=mask_density, codec=codec,
                                 device=device, threads=threads, mismatch=mismatch, per_task=patterns,
@@ -484,14 +349,15 @@ def _refuse_existing(out: Path, force: bool) -> None:
 
 @contextmanager
 def _counting(zoo: Archive, method: str, desc: str, total: int) -> Iterator[None]:
-    """A progress bar over the tensors ``zoo.<method>`` yields (decode_to/merge_to stream through it)."""
+    """A progress bar over the bytes of the tensors ``zoo.<method>`` yields (decode_to/merge_to stream
+    through it); ``total``: the output's bytes."""
     with progress(total, desc) as update:
         inner = getattr(zoo, method)
 
         def counted(*args: Any, **kwargs: Any) -> Iterator[Any]:
-            for item in inner(*args, **kwargs):
-                update(1)
-                yield item
+            for name, t in inner(*args, **kwargs):
+                update(t.numel() * t.element_size())
+                yield name, t
 
         setattr(zoo, method, counted)
         try:
@@ -520,36 +386,63 @@ def decode(archive: str, task: str, output: str, max_shard_size: str, force: boo
     _refuse_existing(out, force)
     with _open(archive) as zoo:
         zoo.task_info(task)  # an unknown task fails here, before anything is written
-        with _counting(zoo, "iter_decode", f"decode {task}", len(zoo.header.tensors)):
+        with _counting(zoo, "iter_decode", f"decode {task}", _output_bytes(zoo, zoo.task_index(task))):
             files = zoo.decode_to(task, out, max_shard_size=shard)
     _say(f"{task}: wrote {_written(files)}")
 
 
-@cli.command(short_help="Write one merged multi-task model.")
-@click.argument("archive", type=click.Path(exists=False))
-@click.option("--method", type=click.Choice(MERGE_CHOICES), default="consensus", show_default=True,
-              help="consensus: θ0 + α·(1{Σ m_t ≥ k} ∘ τ_MTL); task_arithmetic: θ0 + α·τ_MTL; zeroshot: θ0.")
-@click.option("--k", type=click.IntRange(min=0), default=None, help="consensus: minimum number of masks [2].")
-@click.option("--alpha", type=float, default=None, help="Scale of τ_MTL [0.4].")
-@click.option("-o", "--output", required=True, type=click.Path(), help="A .safetensors file or a folder.")
-@click.option("--max-shard-size", default="5GB", show_default=True, help="Folder output: largest shard.")
-@click.option("--force", is_flag=True, help="Overwrite an existing output.")
-def merge(archive: str, method: str, k: int | None, alpha: float | None, output: str, max_shard_size: str,
-          force: bool) -> None:
-    """Write one merged multi-task model from ARCHIVE to OUTPUT."""
-    if k is not None and method != "consensus":
-        raise click.BadParameter(f"--k applies to --method consensus, not {method}", param_hint="--k")
-    if alpha is not None and method == "zeroshot":
-        raise click.BadParameter("zeroshot (θ0) takes no --alpha", param_hint="--alpha")
-    params = {key: v for key, v in (("k", k), ("alpha", alpha)) if v is not None}
-    out = Path(output)
-    shard = parse_size(max_shard_size)
-    _refuse_existing(out, force)
-    with _open(archive) as zoo:
-        with _counting(zoo, "iter_merge", f"merge {method}", len(zoo.header.tensors)):
-            files = zoo.merge_to(out, method, max_shard_size=shard, **params)
-    desc = ", ".join(f"{key}={v}" for key, v in params.items())
-    _say(f"{method}{f' ({desc})' if desc else ''}: wrote {_written(files)}")
+def _output_bytes(zoo: Archive, task: int | None) -> int:
+    """Bytes of the model a decode (of task index ``task``) or a merge (None) writes."""
+    from tallfmt.format.dtypes import by_name
+
+    return sum(math.prod(shape) * by_name(dt).itemsize for _, dt, shape in zoo.model_entries(task))
+
+
+def merge_command() -> click.Command:
+    """``tallfmt merge``, built from the merge registry: one ``--method`` choice per registered method
+    and one option per parameter any method declares, with each method's default in its help."""
+    declared: dict[str, list[tuple[str, Any]]] = {}
+    kinds: dict[str, Any] = {}
+    for m in MERGES.values():
+        for p in m.params:
+            declared.setdefault(p.name, []).append((m.name, p))
+            kinds[p.name] = p
+    options = []
+    for name, users in declared.items():
+        p = kinds[name]
+        defaults = "; ".join(f"{m}: {q.default}" for m, q in users)
+        kind = click.IntRange(min=p.minimum) if p.type is int and p.minimum is not None else p.type
+        options.append(click.Option([f"--{name.replace('_', '-')}", name], type=kind, default=None,
+                                    help=f"{p.help[0].upper()}{p.help[1:]} (default {defaults})."))
+    methods = "; ".join(f"{m.name}: {m.help}" for m in MERGES.values())
+
+    def run(archive: str, method: str, output: str, max_shard_size: str, force: bool, **given: Any) -> None:
+        params = {k: v for k, v in given.items() if v is not None}
+        takes = {p.name for p in MERGES[method].params}
+        for k in params:
+            if k not in takes:
+                raise click.BadParameter(f"--{k.replace('_', '-')} does not apply to --method {method} "
+                                         f"(it takes {', '.join(f'--{t}' for t in sorted(takes)) or 'no parameters'})",
+                                         param_hint=f"--{k.replace('_', '-')}")
+        out = Path(output)
+        shard = parse_size(max_shard_size)
+        _refuse_existing(out, force)
+        with _open(archive) as zoo:
+            with _counting(zoo, "iter_merge", f"merge {method}", _output_bytes(zoo, None)):
+                files = zoo.merge_to(out, method, max_shard_size=shard, **params)
+        desc = ", ".join(f"{key}={v}" for key, v in params.items())
+        _say(f"{method}{f' ({desc})' if desc else ''}: wrote {_written(files)}")
+
+    return click.Command(
+        "merge", callback=run, short_help="Write one merged multi-task model.",
+        help="Write one merged multi-task model from ARCHIVE to OUTPUT.",
+        params=[click.Argument(["archive"], type=click.Path(exists=False)),
+                click.Option(["--method"], type=click.Choice(list(MERGES)), default=DEFAULT_MERGE, show_default=True,
+                             help=f"{methods}."),
+                *options,
+                click.Option(["-o", "--output"], required=True, type=click.Path(), help="A .safetensors file or a folder."),
+                click.Option(["--max-shard-size"], default="5GB", show_default=True, help="Folder output: largest shard."),
+                click.Option(["--force"], is_flag=True, help="Overwrite an existing output.")])
 
 
 def _counted_read(read: Callable[..., Any], update: Callable[[int], None]) -> Callable[..., Any]:
@@ -569,7 +462,7 @@ def verify(archive: str) -> None:
         stored = sum(s.length for s in segments)
         masks = sum(m.length for e in zoo.header.tensors for m in e.masks)  # read twice: checksum, padding
         # Archive.verify has no progress hook: counting each shard's segment reads drives the bar.
-        with progress(stored + masks, "verify", unit="B") as update:
+        with progress(stored + masks, "verify") as update:
             for shard in zoo.shards:
                 shard.read = _counted_read(shard.read, update)
             try:
@@ -599,18 +492,18 @@ def stats(archive: str, plot: str | None, as_json: bool) -> None:
     rows = agreement_table(counts)
     T = len(counts) - 1
     if plot is not None:
-        _plot(Path(plot), f"{name}: {T} tasks, {sum(counts):,} masked parameters", rows, tasks)
+        plot_agreement(Path(plot), f"{name}: {T} tasks, {sum(counts):,} masked parameters", rows, tasks)
     if as_json:
         click.echo(json.dumps({"num_tasks": T, "masked_params": sum(counts), "agreement": rows,
                                "mask_density": {t["name"]: t["mask_density"] for t in tasks}}, indent=2))
         return
     lines = [f"{archive}: {sum(counts):,} masked parameters, {T} tasks", ""]
     table = [["n", "kind", "parameters", "fraction", "kept by consensus k=n"]]
-    table += [[str(r["n"]), r["kind"], f"{r['params']:,}", _pct(r["fraction"]), _pct(r["kept_by_consensus_k"])]
+    table += [[str(r["n"]), r["kind"], f"{r['params']:,}", pct(r["fraction"]), pct(r["kept_by_consensus_k"])]
               for r in rows]
     lines += text_table(table, "rlrrr")
     lines.append("")
-    lines += text_table([["task", "mask density"]] + [[t["name"], _pct(t["mask_density"])] for t in tasks], "lr")
+    lines += text_table([["task", "mask density"]] + [[t["name"], pct(t["mask_density"])] for t in tasks], "lr")
     if plot is not None:
         lines += ["", f"plot: {plot}"]
     click.echo("\n".join(lines))

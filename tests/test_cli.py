@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import tallfmt
-from tallfmt import cli
+from tallfmt import cli, summary
 
 TASKS = ("sst2", "mnli", "qqp")
 QUERY = "encoder.layer.0.attention.self.query.weight"
@@ -121,7 +121,7 @@ def test_encode_mismatch_is_one_line_then_per_task(zoo: Path, tmp_path: Path) ->
     run(*args, "--mismatch", "per_task", cwd=tmp_path)
     with tallfmt.open(tmp_path / "z.tall") as z:
         assert z.roles["classifier.weight"] == "per_task"
-        info = cli.summary(z)
+        info = summary.summary(z)
     assert info["roles"]["per_task"] == {"tensors": 1, "params": 0}  # θ0 has no copy
     assert info["bytes"]["per_task"] > 0
     raw = sum(v.numel() * v.element_size() for f in ("base", "sst2", "mnli")
@@ -189,7 +189,7 @@ def test_info_json_has_every_field_and_consistent_arithmetic(zoo: Path) -> None:
 def test_info_text_shows_the_same_numbers(zoo: Path) -> None:
     text = run("info", "zoo.tall", cwd=zoo).stdout
     with tallfmt.open(zoo / "zoo.tall") as z:
-        s = cli.summary(z)  # what --json prints (tested above)
+        s = summary.summary(z)  # what --json prints (tested above)
     for t in s["tasks"]:
         assert any(line.split()[:2] == [t["name"], f"{t['lambda']:.2f}"] and f"{100 * t['mask_density']:.1f}%" in line
                    for line in text.splitlines())
@@ -304,7 +304,7 @@ def test_plot_without_matplotlib_is_a_clear_error(zoo: Path, tmp_path: Path) -> 
     proc = run("stats", str(zoo / "zoo.tall"), "--plot", "a.png", cwd=tmp_path, ok=False,
                env={"PYTHONPATH": str(tmp_path)})
     assert proc.returncode == 1
-    assert proc.stderr.strip() == "tallfmt: error: --plot needs matplotlib: pip install 'tallfmt[plot]'"
+    assert proc.stderr.strip() == "tallfmt: error: plotting needs matplotlib: pip install 'tallfmt[plot]'"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -351,8 +351,8 @@ def test_task_names_from_files_and_folders(tmp_path: Path) -> None:
 def test_sizes_and_lambdas_parse() -> None:
     assert cli.parse_size("5GB") == 5 * 10**9 and cli.parse_size("512MiB") == 512 * 2**20
     assert cli.parse_size("1000") == 1000
-    assert cli.human_bytes(1536) == "1.5 KiB" and cli.human_bytes(12) == "12 B"
+    assert summary.human_bytes(1536) == "1.5 KiB" and summary.human_bytes(12) == "12 B"
     assert cli._parse_lambdas((), ["a", "b"]) == 0.4
     assert cli._parse_lambdas(("0.5", "b=0.2"), ["a", "b"]) == {"a": 0.5, "b": 0.2}
-    assert [cli.agreement_kind(n, 4) for n in range(5)] == ["catastrophic", "selfish", "general", "general",
+    assert [summary.agreement_kind(n, 4) for n in range(5)] == ["catastrophic", "selfish", "general", "general",
                                                             "universal"]

@@ -25,9 +25,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import _tallcraft as tc
-from tallfmt import compression
-from tallfmt.container import (MAX_HEADER_BYTES, MAX_JSON_DEPTH, MAX_NAME_BYTES, MAX_TASKS, ContainerReader,
-                               ContainerWriter, Header, TaskEntry, TensorEntry, parse_header)
+from tallfmt.format import codecs as compression
+from tallfmt.format.container import ContainerReader, ContainerWriter
+from tallfmt.format.header import (MAX_HEADER_BYTES, MAX_JSON_DEPTH, MAX_NAME_BYTES, MAX_TASKS, Header, TaskEntry,
+                                   TensorEntry, parse_header)
 from tallfmt.errors import ChecksumError, FormatError, InputError, LimitError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -621,7 +622,7 @@ def test_segment_xxh3_field_changed(valid: Path) -> None:
 
 
 def _one_segment_file(path: Path, stored: bytes, codec: str, dtype: str = "I64", shape: tuple[int, ...] = (3,)) -> Path:
-    from tallfmt import dtypes
+    from tallfmt.format import dtypes
     n = math.prod(shape) * dtypes.by_name(dtype).itemsize
     with ContainerWriter(path) as w:
         seg = w.write_stored(stored, n, codec)
@@ -636,7 +637,7 @@ def _frame(data: bytes, content_size: bool = True) -> bytes:
 ZSTD_CASES = [
     ("content size smaller than declared", _frame(bytes(16)), "declares 16"),
     ("content size larger than declared", _frame(bytes(40)), "declares 40"),
-    ("content size missing", _frame(bytes(24), content_size=False), "declares -1"),
+    ("content size missing", _frame(bytes(24), content_size=False), "declares no content size"),
     ("bytes after the frame", _frame(bytes(24)) + b"\0\0\0", "unused data"),
     ("two frames", _frame(bytes(24)) + _frame(bytes(24)), "unused data"),
     ("garbage", b"this is not zstd at all!", "not a zstd frame"),
@@ -746,7 +747,7 @@ def test_not_a_regular_file(tmp_path: Path, kind: str) -> None:
         os.mkfifo(path)
     else:
         path = Path("/dev/zero")
-    code = (f"from tallfmt.container import ContainerReader\n"
+    code = (f"from tallfmt.format.container import ContainerReader\n"
             f"try:\n    ContainerReader({str(path)!r})\nexcept Exception as e:\n    print(type(e).__name__, e)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
     assert out.stdout.startswith("FormatError") and str(path) in out.stdout and "regular file" in out.stdout, (
@@ -885,7 +886,7 @@ def test_exception_inside_writer_keeps_existing_file(tmp_path: Path) -> None:
 
 
 def test_header_over_the_limit_keeps_existing_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import tallfmt.container as container
+    import tallfmt.format.container as container
     p = tc.build(tmp_path / "x.tall")
     before = p.read_bytes()
     monkeypatch.setattr(container, "MAX_HEADER_BYTES", 100)

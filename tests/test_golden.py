@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 import tallfmt
-from tallfmt.container import ContainerReader
+from tallfmt.format.container import ContainerReader
 
 SPEC = Path(__file__).resolve().parent.parent / "spec"
 GOLDEN = SPEC / "golden"

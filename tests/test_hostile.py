@@ -35,9 +35,10 @@ from safetensors.torch import save_file
 import _fuzz_worker as fw
 import _tallcraft as tc
 import tallfmt
-from tallfmt import container
-from tallfmt.container import MAX_TENSORS, ContainerReader, ContainerWriter, Header, TaskEntry, TensorEntry
-from tallfmt.errors import FormatError, InputError, LimitError, TallError
+from tallfmt.format import atomic, container
+from tallfmt.format.container import ContainerReader, ContainerWriter
+from tallfmt.format.header import MAX_TENSORS, Header, TaskEntry, TensorEntry
+from tallfmt.errors import FormatError, InputError, LimitError, TallError, WriteError
 
 HERE = Path(__file__).resolve().parent
 
@@ -250,7 +251,7 @@ def _install_full_disk(monkeypatch: pytest.MonkeyPatch, budget: int, close_fails
 
     def init(self: ContainerWriter, *a: Any, **k: Any) -> None:
         real_init(self, *a, **k)
-        self._file = FullDisk(self._file, budget, close_fails)
+        self._out.file = FullDisk(self._out.file, budget, close_fails)
     monkeypatch.setattr(ContainerWriter, "__init__", init)
 
 
@@ -278,7 +279,7 @@ def test_disk_full_during_encode(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     before = _folder_state(tmp_path)
     _install_full_disk(monkeypatch, n)
     base, tasks = _zoo()
-    with pytest.raises(container.WriteError) as info:
+    with pytest.raises(WriteError) as info:
         tallfmt.encode(base, tasks, target)
     err = info.value
     assert isinstance(err, TallError) and isinstance(err, OSError) and err.errno == errno.ENOSPC
@@ -291,7 +292,7 @@ def test_disk_full_and_close_failing_too(tmp_path: Path, monkeypatch: pytest.Mon
     before = _folder_state(tmp_path)
     _install_full_disk(monkeypatch, 500, close_fails=True)
     base, tasks = _zoo()
-    with pytest.raises(container.WriteError, match="No space left"):
+    with pytest.raises(WriteError, match="No space left"):
         tallfmt.encode(base, tasks, target)
     assert _folder_state(tmp_path) == before
 
@@ -303,9 +304,9 @@ def test_failing_fsync_rename_chmod(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 
     def fail(*a: Any, **k: Any) -> None:
         raise OSError(err, os.strerror(err))
-    monkeypatch.setattr(container.os, call, fail)
+    monkeypatch.setattr(atomic.os, call, fail)
     base, tasks = _zoo()
-    with pytest.raises(container.WriteError) as info:
+    with pytest.raises(WriteError) as info:
         tallfmt.encode(base, tasks, target)
     monkeypatch.undo()
     assert info.value.errno == err and str(target) in str(info.value)
@@ -315,9 +316,9 @@ def test_failing_fsync_rename_chmod(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 def test_cannot_create_temporary_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def fail(*a: Any, **k: Any) -> None:
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
-    monkeypatch.setattr(container.tempfile, "mkstemp", fail)
+    monkeypatch.setattr(atomic.os, "open", fail)
     base, tasks = _zoo()
-    with pytest.raises(container.WriteError) as info:
+    with pytest.raises(WriteError) as info:
         tallfmt.encode(base, tasks, tmp_path / "zoo.tall")
     assert info.value.errno == errno.EACCES and str(tmp_path / "zoo.tall") in str(info.value)
     assert list(tmp_path.iterdir()) == []

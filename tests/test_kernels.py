@@ -17,6 +17,7 @@ from hypothesis.extra import numpy as hnp
 from numba import njit
 
 from tallfmt import kernels
+from tallfmt.kernels import bits as kbits, core as kcore, decode as kdecode
 from tallfmt.errors import FormatError, InputError
 
 TORCH = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
@@ -313,7 +314,7 @@ def test_threads_decode_concurrently() -> None:
 def _soft_to_f32(h: np.ndarray) -> np.ndarray:
     out = np.empty(h.shape[0], np.float32)
     for i in range(h.shape[0]):
-        out[i] = kernels._f16_to_f32_soft(h[i])
+        out[i] = kcore._f16_to_f32_soft(h[i])
     return out
 
 
@@ -321,7 +322,7 @@ def _soft_to_f32(h: np.ndarray) -> np.ndarray:
 def _soft_to_f16(x: np.ndarray) -> np.ndarray:
     out = np.empty(x.shape[0], np.uint16)
     for i in range(x.shape[0]):
-        out[i] = kernels._f32_to_f16_soft(x[i])
+        out[i] = kcore._f32_to_f16_soft(x[i])
     return out
 
 
@@ -425,16 +426,16 @@ def test_wrong_packed_length_is_format_error(nbytes: int) -> None:
 def test_kernels_recheck_lengths() -> None:
     # a direct (unvalidated) call with inconsistent lengths must raise, not read or write out of bounds
     with pytest.raises(ValueError):
-        kernels._decode_kernel(np.zeros(100, np.uint32), np.zeros(10, np.float32), np.zeros(13, np.uint8),
+        kdecode._decode_kernel(np.zeros(100, np.uint32), np.zeros(10, np.float32), np.zeros(13, np.uint8),
                                np.zeros(100, np.uint32), 0)
     with pytest.raises(ValueError):
-        kernels._unpack_kernel(np.zeros(1, np.uint8), np.zeros(100, np.uint8))
+        kbits._unpack_kernel(np.zeros(1, np.uint8), np.zeros(100, np.uint8))
     with pytest.raises(ValueError):
-        kernels._pack_kernel(np.zeros(100, np.uint8), np.zeros(1, np.uint8), False)
+        kbits._pack_kernel(np.zeros(100, np.uint8), np.zeros(1, np.uint8), False)
     with pytest.raises(ValueError):
-        kernels._popcount_kernel(np.zeros(1, np.uint8), 100)
+        kbits._popcount_kernel(np.zeros(1, np.uint8), 100)
     with pytest.raises(ValueError):
-        kernels._add_bits_kernel(np.zeros(100, np.uint16), np.zeros(1, np.uint8))
+        kbits._add_bits_kernel(np.zeros(100, np.uint16), np.zeros(1, np.uint8))
 
 
 def test_decode_without_hardware_half(tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -443,7 +444,8 @@ def test_decode_without_hardware_half(tmp_path) -> None:  # type: ignore[no-unty
     code = (
         "import numpy as np, torch\n"
         "from tallfmt import kernels as K\n"
-        "assert not K._NATIVE_HALF\n"
+        "from tallfmt.kernels import core\n"
+        "assert not core.NATIVE_HALF\n"
         "rng = np.random.default_rng(0)\n"
         "base = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16)\n"
         "tau = (rng.standard_normal(65536) * 1e-3).astype(np.float32)\n"
@@ -454,7 +456,7 @@ def test_decode_without_hardware_half(tmp_path) -> None:  # type: ignore[no-unty
         "nan = np.isnan(ref)\n"
         "assert (o.view(np.uint16)[~nan] == ref.view(np.uint16)[~nan]).all() and np.isnan(o[nan]).all()\n"
         "print('ok')\n")
-    root = str(Path(kernels.__file__).resolve().parent.parent)
+    root = str(Path(kernels.__file__).resolve().parent.parent.parent)
     env = dict(os.environ, NUMBA_CPU_NAME="generic", NUMBA_CPU_FEATURES="", NUMBA_CACHE_DIR=str(tmp_path),
                PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)

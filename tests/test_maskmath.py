@@ -14,9 +14,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import tallfmt.maskmath as mm
+import tallfmt.compute.maskmath as mm
 from tallfmt.errors import InputError
-from tallfmt.maskmath import (
+from tallfmt.compute.maskmath import (
     TaskStats,
     TopKThreshold,
     agreement_histogram,
@@ -584,7 +584,7 @@ def direct_stats(theta_hat, theta_t, tau, mtl, mask):
 def _chunk_sums(theta0, theta_t, mtl, mask, a, b):
     """Sums of one chunk [a, b) (a multiple of 8) through the kernel the encoder uses."""
     from tallfmt import kernels
-    from tallfmt.dtypes import from_torch, to_numpy
+    from tallfmt.compute.tensors import from_torch, to_numpy
 
     sums = np.zeros(5)
     kernels.mask_stats(to_numpy(theta0[a:b]), to_numpy(theta_t[a:b]), mtl[a:b].numpy(),

@@ -88,10 +88,10 @@ def test_encode_threads_are_scoped(tmp_path: Path) -> None:
     before = torch.get_num_threads()
     seen = []
     tallfmt.encode(base, tasks, tmp_path / "a.tall", threads=1,
-                   progress=lambda n: seen.append(torch.get_num_threads()))
+                   progress=lambda n, total: seen.append(torch.get_num_threads()))
     assert set(seen) == {1} and torch.get_num_threads() == before
     tallfmt.encode(base, tasks, tmp_path / "b.tall", threads=None,
-                   progress=lambda n: seen.append(torch.get_num_threads()))
+                   progress=lambda n, total: seen.append(torch.get_num_threads()))
     assert seen[-1] == before
     assert (tmp_path / "a.tall").read_bytes() == (tmp_path / "b.tall").read_bytes()
     with pytest.raises(tallfmt.InputError, match="threads"):

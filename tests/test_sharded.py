@@ -17,9 +17,11 @@ import torch
 from safetensors.torch import save_file
 
 import tallfmt
-from tallfmt.codec import EncodeOptions, _open_encoder, _Plan, _plan_metadata
+from tallfmt.checkpoints import open_checkpoint
+from tallfmt.compute.maskmath import task_vector, topk_threshold_dense
 from tallfmt.errors import ChecksumError, FormatError, InputError, LimitError
-from tallfmt.sharded import INDEX_NAME, assign_shards, seal_index, shard_name
+from tallfmt.format.index import INDEX_NAME, seal_index, shard_name
+from tallfmt.write.plan import TensorPlan, group_into_shards
 
 TASKS = ("sst2", "mnli", "qqp")
 CONFIGS: dict[str, dict[str, Any]] = {
@@ -181,12 +183,16 @@ def test_global_thresholds_equal_the_single_file_ones(config: str, key: str, den
                                                        zoo: tuple[str, dict[str, str]],
                                                        sharded: Callable[[str, int], Path]) -> None:
     base, tasks = zoo
-    opts = EncodeOptions.check(task_names=list(tasks), **{k: v for k, v in CONFIGS[config].items()
-                                                          if k != "chunk_size"})
-    with _open_encoder(base, tasks, opts) as enc:  # exactly what the single-file encode computes
-        plans = _plan_metadata(enc.base, enc.cks, list(tasks), "error")
-        enc.refine(plans)
-        want = enc.global_thresholds([p for p in plans if p.role == "masked"], density).tolist()
+    with tallfmt.open(sharded(config, 2)) as z:
+        masked = [n for n, r in z.roles.items() if r == "masked"]
+    # the dense reference: sort every |τ_t| of the masked tensors at once
+    with open_checkpoint(base) as b:
+        theta0 = {n: b.get(n).float().reshape(-1) for n in masked}
+    want = []
+    for t, src in tasks.items():
+        with open_checkpoint(src) as ck:
+            taus = torch.cat([task_vector(ck.get(n).float().reshape(-1), theta0[n]) for n in masked])
+        want.append(topk_threshold_dense(taus, density))
     for n in (2, 3):
         with tallfmt.open(sharded(config, n)) as zoo_:
             assert list(zoo_.index.thresholds[key]) == want
@@ -225,11 +231,12 @@ def test_mismatched_tensors_per_task(tmp_path: Path) -> None:
 
 
 def test_max_shard_size_and_report(zoo: tuple[str, dict[str, str]], tmp_path: Path) -> None:
-    calls: list[int] = []
-    report = tallfmt.encode(*zoo, tmp_path / "z", max_shard_size=20_000, progress=calls.append)
+    calls: list[tuple[int, int]] = []
+    report = tallfmt.encode(*zoo, tmp_path / "z", max_shard_size=20_000, progress=lambda n, total: calls.append((n, total)))
     files = sorted(p.name for p in (tmp_path / "z").iterdir())
     assert len(files) > 3 and files[-1] == INDEX_NAME
-    assert sum(calls) == 8  # every tensor reported once
+    assert len(calls) == 8  # every tensor reported once, in bytes of input, against the inputs' total
+    assert sum(n for n, _ in calls) == calls[0][1] == report.input_bytes
     assert report.path == tmp_path / "z"
     assert report.archive_bytes == sum(p.stat().st_size for p in (tmp_path / "z").iterdir())
     assert report.roles == {"masked": 5, "shared": 2, "per_task": 1}
@@ -286,20 +293,20 @@ def test_scheduler_refuses_in_memory_sources(tmp_path: Path) -> None:
 
 
 def test_assign_shards_balances_bytes_in_order() -> None:
-    plans = [_Plan(f"t{i}", "masked") for i in range(10)]
+    plans = [TensorPlan(f"t{i}", "masked") for i in range(10)]
     sizes = [5, 1, 1, 1, 1, 1, 1, 1, 1, 5]
-    groups = assign_shards(plans, sizes, shards=3)
+    groups = group_into_shards(plans, sizes, shards=3)
     assert [p.name for g in groups for p in g] == [p.name for p in plans]
     assert [sum(sizes[int(p.name[1:])] for p in g) for g in groups] == [6, 6, 6]
     # never more shards than tensors, and never an empty one
-    assert [len(g) for g in assign_shards(plans[:2], sizes[:2], shards=5)] == [1, 1]
-    assert [len(g) for g in assign_shards(plans, [0] * 10, shards=4)] == [7, 1, 1, 1]
+    assert [len(g) for g in group_into_shards(plans[:2], sizes[:2], shards=5)] == [1, 1]
+    assert [len(g) for g in group_into_shards(plans, [0] * 10, shards=4)] == [7, 1, 1, 1]
     # an alias goes with its target, wherever it is listed
-    plans.append(_Plan("tied", "alias", target="t0"))
-    groups = assign_shards(plans, [*sizes, 0], shards=3)
+    plans.append(TensorPlan("tied", "alias", target="t0"))
+    groups = group_into_shards(plans, [*sizes, 0], shards=3)
     assert [p.name for p in groups[0]][:1] == ["t0"] and "tied" in [p.name for p in groups[0]]
     # max_shard_size: greedy, a larger tensor alone
-    groups = assign_shards(plans[:10], sizes, max_shard_size=4)
+    groups = group_into_shards(plans[:10], sizes, max_shard_size=4)
     assert [[p.name for p in g] for g in groups][:2] == [["t0"], ["t1", "t2", "t3", "t4"]]
 
 
@@ -492,7 +499,7 @@ def test_dask_default_shards_and_address(client: Any, zoo: tuple[str, dict[str, 
 
 def _kill_on_third_segment(marker: str) -> None:
     """Runs in each worker: the first worker to write its third segment creates ``marker`` and dies."""
-    from tallfmt.container import ContainerWriter
+    from tallfmt.format.container import ContainerWriter
 
     original = ContainerWriter.write_segment
     count = [0]

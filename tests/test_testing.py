@@ -13,13 +13,15 @@ from unittest import mock
 import numpy as np
 import pytest
 import torch
+import hypothesis
 from hypothesis import HealthCheck, Phase, find, given, settings
 from hypothesis import strategies as st
 
 import tallfmt
 from tallfmt import kernels
-from tallfmt.archive import Archive
-from tallfmt.codec import EncodeOptions
+from tallfmt.read.archive import Archive
+from tallfmt.read.decoding import ArchiveTensors
+from tallfmt.write.options import EncodeOptions
 from tallfmt.testing import (FLOAT_DTYPES, archives, assert_archives_equal, assert_roundtrip,
                              assert_state_dicts_equal, assert_tensors_equal, checkpoint_collections,
                              encode_options, reference, state_dicts)
@@ -131,7 +133,7 @@ def test_encode_options_are_valid(drawn):
     assert kw["merge"] in ("task_arithmetic", "ties") and kw["mask_method"] in ("tall", "magnitude")
     if isinstance(kw.get("lambdas"), dict):
         assert set(kw["lambdas"]) == set(names)
-    EncodeOptions.check(task_names=names, **kw)  # raises InputError when invalid
+    EncodeOptions.check(names, **kw)  # raises InputError when invalid
 
 
 _PATHS: list[Path] = []
@@ -249,9 +251,9 @@ def test_roundtrip_fails_with_a_broken_decoder(coll, tmp_path_factory):
 @settings(SETTINGS, max_examples=10)
 @given(coll=checkpoint_collections(max_tasks=3, per_task=True, change_fraction=0.0))
 def test_roundtrip_fails_when_a_shared_or_per_task_tensor_is_off(coll, tmp_path_factory):
-    """_decode_entry perturbs one value of every non-empty shared / per-task / θ0 tensor it returns."""
+    """decode_entry perturbs one value of every non-empty shared / per-task / θ0 tensor it returns."""
     path = _encoded(coll, tmp_path_factory.mktemp("zoo"))
-    decode_entry = Archive._decode_entry
+    decode_entry = ArchiveTensors.decode_entry
 
     def broken(self, e, i):
         t = decode_entry(self, e, i)
@@ -260,7 +262,7 @@ def test_roundtrip_fails_when_a_shared_or_per_task_tensor_is_off(coll, tmp_path_
             _flip_first(t.reshape(-1).view(torch.uint8).numpy())
         return t
 
-    with mock.patch.object(Archive, "_decode_entry", broken):  # the first base tensor has elements
+    with mock.patch.object(ArchiveTensors, "decode_entry", broken):  # the first base tensor has elements
         with pytest.raises(AssertionError, match="elements differ"):
             assert_roundtrip(coll.base, coll.tasks, path, **coll.encode_kwargs)
 
@@ -289,9 +291,9 @@ def test_roundtrip_fails_on_other_encode_options(tmp_path):
 
 
 @pytest.mark.parametrize("target, attribute, match", [
-    ("merge", "tallfmt.maskmath.merge_chunk", r"merge\('task_arithmetic'"),
+    ("merge", "tallfmt.compute.maskmath.merge_chunk", r"merge\('task_arithmetic'"),
     ("mask", "tallfmt.kernels.unpack_bits", r"mask\("),
-    ("agreement", "tallfmt.maskmath.agreement_histogram", r"agreement\(\)"),
+    ("agreement", "tallfmt.compute.maskmath.agreement_histogram", r"agreement\(\)"),
 ])
 def test_roundtrip_fails_with_broken_merges_masks_and_agreement(tmp_path, target, attribute, match):
     g = torch.Generator().manual_seed(0)
@@ -363,8 +365,10 @@ def test_archives_equal_passes_on_the_same_content_and_fails_on_another(coll, da
         assert_archives_equal(tmp / "a.tall", tmp / "lam.tall")
     # θ0 one bit off in one masked entry, everything else the same
     name = next(n for n, r in reference(*coll, **coll.encode_kwargs).roles.items() if r == "masked")
-    changed = coll.base[name].clone()
-    changed.reshape(-1).view(torch.uint8)[0] ^= 1
+    # contiguous first: reshape(-1) of a transposed clone would be a copy, and the flip would change nothing
+    changed = coll.base[name].clone(memory_format=torch.contiguous_format)
+    changed.view(-1).view(torch.uint8)[0] ^= 1
+    assert not torch.equal(changed.view(-1).view(torch.uint8), coll.base[name].contiguous().view(-1).view(torch.uint8))
     base = {n: changed if t is coll.base[name] else t for n, t in coll.base.items()}  # tied names too
     tallfmt.encode(base, coll.tasks, tmp / "theta0.tall", **coll.encode_kwargs, **kw)
     with pytest.raises(AssertionError):
@@ -419,3 +423,25 @@ def test_readme_example_runs(tmp_path):
     proc = subprocess.run([sys.executable, "-c", source + "\ntest_pipeline()\nprint('passed')"], cwd=tmp_path,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0 and "passed" in proc.stdout, proc.stderr
+
+
+@settings(SETTINGS, max_examples=10)
+@given(coll=checkpoint_collections(max_tasks=3, change_fraction=0.5, shared=False, non_float=False, tied=False),
+       globs=st.sampled_from([None, ()]))
+def test_reference_follows_the_per_task_globs(coll, globs, tmp_path_factory):
+    """Batch-norm statistics that differ stay verbatim per task under the default globs (FORMAT §2), and
+    are masked like any float with per_task=(); the reference and the archive agree either way."""
+    kw = {} if globs is None else {"per_task": globs}
+    ref = reference(*coll, **kw)
+    for n, role in ref.roles.items():
+        if role in ("masked", "per_task") and n.endswith((".running_mean", ".running_var")):
+            assert role == ("per_task" if globs is None else "masked")
+    path = _encoded(coll, tmp_path_factory.mktemp("zoo"), **kw)
+    assert_roundtrip(coll.base, coll.tasks, path, **kw)
+
+
+@pytest.mark.parametrize("suffix", [".running_mean", ".running_var", ".num_batches_tracked"])
+def test_collections_hold_batch_norm_statistics(suffix):
+    # find() raises NoSuchExample when the generator never makes such a name
+    hypothesis.find(checkpoint_collections(), lambda c: any(n.endswith(suffix) for n in c.base),
+                    settings=settings(max_examples=200, database=None))

@@ -62,10 +62,9 @@ import torch
 from safetensors import safe_open
 
 import tallfmt
-from tallfmt import dtypes
-from tallfmt.cli import _plot as plot_agreement  # the `tallfmt stats --plot` figure, reused
-from tallfmt.cli import agreement_table, summary as archive_summary
-from tallfmt.compression import CODECS
+from tallfmt.compute.tensors import to_numpy
+from tallfmt.summary import agreement_table, plot_agreement, summary as archive_summary
+from tallfmt.format.codecs import CODECS
 
 from .config import write_json_atomic
 from .data import Split
@@ -212,7 +211,7 @@ def checkpoint_codec_bytes(path: Path, codecs: Iterable[str]) -> dict[str, int]:
     with safe_open(str(path), "pt") as f:
         for name in f.keys():
             t = f.get_tensor(name)
-            arr = dtypes.to_numpy(t).reshape(-1)
+            arr = to_numpy(t).reshape(-1)
             itemsize = arr.dtype.itemsize
             for c in codecs:
                 out[c] += len(CODECS[c].encode(arr.view(np.uint8), itemsize))

@@ -1,12 +1,10 @@
-"""Low-level file helpers shared by the container, the checkpoint readers/writers and sharded indexes:
-strict JSON objects, and the permission and fsync steps of an atomic write."""
+"""Strict JSON objects, as the header (FORMAT.md §1.2) and the index (§9.2) need them: UTF-8, an object
+starting with '{', no duplicate keys, no NaN/Infinity, bounded nesting."""
 
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 
@@ -61,24 +59,3 @@ def loads_strict_object(raw: bytes, fail: Callable[[str], Exception], what: str,
     if max_depth is not None and json_depth(obj, max_depth) > max_depth:
         raise (too_deep or (lambda: fail(f"{what} nests deeper than {max_depth} levels")))()
     return obj
-
-
-def umask() -> int:
-    """The process umask (read without changing it for longer than two calls)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def fsync_dir(folder: Path) -> None:
-    """fsync a folder so a rename into it is durable; best effort (some filesystems refuse)."""
-    try:
-        fd = os.open(folder if str(folder) else ".", os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

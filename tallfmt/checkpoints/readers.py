@@ -1,9 +1,8 @@
-"""Checkpoint inputs (lazy, memory-mapped readers) and safetensors outputs (streaming, atomic writers).
+"""Checkpoint inputs: lazy, memory-mapped readers of the files users have.
 
 The encoder reads T+1 checkpoints tensor by tensor, so a reader never loads a whole checkpoint: a
 ``.safetensors`` file is memory-mapped and ``get()`` returns a zero-copy view of the mapped bytes (only
-the pages that are touched are read). Writers stream: the header is written from the entries known up
-front, then each tensor's bytes as it arrives.
+the pages that are touched are read).
 
     >>> import torch
     >>> with open_checkpoint({"w": torch.ones(2, 3)}, label="demo") as ck:
@@ -19,14 +18,10 @@ malformed file, raises :class:`~tallfmt.errors.InputError` naming the file and t
 
 from __future__ import annotations
 
-import json
-import math
 import mmap
 import os
 import pickle
-import re
-import tempfile
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, TypeVar
@@ -34,13 +29,12 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-from tallfmt import dtypes
-from tallfmt._files import fsync_dir, loads_strict_object
-from tallfmt.dtypes import DTYPES, DType
+from tallfmt.compute.tensors import from_torch, to_torch
 from tallfmt.errors import InputError
+from tallfmt.format.dtypes import DTYPES, DType
+from tallfmt.format.jsonio import loads_strict_object
 
-__all__ = ["Checkpoint", "open_checkpoint", "SafetensorsWriter", "save_safetensors", "save_state_dict",
-           "MAX_HEADER_BYTES"]
+__all__ = ["Checkpoint", "open_checkpoint", "MAX_HEADER_BYTES"]
 
 #: safetensors' own limit on the JSON header (its reader refuses larger headers).
 MAX_HEADER_BYTES = 100_000_000
@@ -49,7 +43,6 @@ MAX_NDIM = 64
 TORCH_SUFFIXES = (".bin", ".pt", ".pth")
 SINGLE_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
-_SHARD_RE = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 _T = TypeVar("_T")
 
 
@@ -148,7 +141,7 @@ def _load_json(raw: bytes, fail: Any, what: str) -> dict:
     return loads_strict_object(raw, fail, what)
 
 
-def _is_uint(v: Any) -> bool:
+def is_uint(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
@@ -169,9 +162,9 @@ def _parse_header(raw: bytes, buffer_len: int, fail: Any) -> tuple[dict[str, str
         dt, shape, offs = info["dtype"], info["shape"], info["data_offsets"]
         if not isinstance(dt, str) or dt not in DTYPES:
             raise fail(f"{where}: unknown dtype {dt!r} (known: {', '.join(DTYPES)})")
-        if not isinstance(shape, list) or len(shape) > MAX_NDIM or not all(_is_uint(d) for d in shape):
+        if not isinstance(shape, list) or len(shape) > MAX_NDIM or not all(is_uint(d) for d in shape):
             raise fail(f"{where}: shape {shape!r} is not a list of at most {MAX_NDIM} non-negative integers")
-        if not (isinstance(offs, list) and len(offs) == 2 and all(_is_uint(o) for o in offs)
+        if not (isinstance(offs, list) and len(offs) == 2 and all(is_uint(o) for o in offs)
                 and offs[0] <= offs[1]):
             raise fail(f"{where}: data_offsets {offs!r} is not [begin, end] with 0 <= begin <= end")
         d = DTYPES[dt]
@@ -247,7 +240,7 @@ class _SafetensorsFile(Checkpoint):
         a = self._u8[start:self._data_start + e.end]
         if start % e.dtype.itemsize:
             a = a.copy()
-        return dtypes.to_torch(a.view(e.dtype.storage), e.dtype).reshape(e.shape)
+        return to_torch(a.view(e.dtype.storage), e.dtype).reshape(e.shape)
 
     def release(self, name: str) -> None:
         e = self._entry(name)
@@ -371,7 +364,7 @@ class _DictCheckpoint(Checkpoint):
             if t.is_meta:
                 raise InputError(f"{source}: tensor {k!r} is on the meta device and holds no data")
             try:
-                dtypes.from_torch(t.dtype)
+                from_torch(t.dtype)
             except KeyError:
                 raise InputError(f"{source}: tensor {k!r} has dtype {t.dtype}, which tallfmt cannot store "
                                  f"(known: {', '.join(DTYPES)})") from None
@@ -385,7 +378,7 @@ class _DictCheckpoint(Checkpoint):
 
     def info(self, name: str) -> tuple[str, tuple[int, ...]]:
         t = self._tensor(name)
-        return dtypes.from_torch(t.dtype).name, tuple(t.shape)
+        return from_torch(t.dtype).name, tuple(t.shape)
 
     def get(self, name: str) -> torch.Tensor:
         return self._tensor(name)
@@ -480,302 +473,3 @@ def open_checkpoint(source: str | os.PathLike[str] | Mapping[str, torch.Tensor],
         return _load_torch(path, label)
     raise InputError(f"{path}: unknown kind of file {path.suffix!r}; {expected}")
 
-
-# ---------------------------------------------------------------------------------------------------
-# Writers
-# ---------------------------------------------------------------------------------------------------
-_Spec = tuple[str, DType, tuple[int, ...]]
-
-
-def _check_entries(entries: Iterable[tuple[str, str, tuple[int, ...]]]) -> list[_Spec]:
-    out: list[_Spec] = []
-    seen: set[str] = set()
-    for ent in entries:
-        try:
-            name, dt, shape = ent
-        except (TypeError, ValueError):
-            raise InputError(f"entry {ent!r} is not (name, dtype, shape)") from None
-        if not isinstance(name, str) or name == "__metadata__" or name in seen:
-            raise InputError(f"entry name {name!r} is not a string, is reserved or repeats")
-        if not isinstance(dt, str) or dt not in DTYPES:
-            raise InputError(f"entry {name!r}: unknown dtype {dt!r} (known: {', '.join(DTYPES)})")
-        if not isinstance(shape, (tuple, list)) or len(shape) > MAX_NDIM or not all(_is_uint(d) for d in shape):
-            raise InputError(f"entry {name!r}: shape {shape!r} is not a tuple of non-negative integers")
-        seen.add(name)
-        out.append((name, DTYPES[dt], tuple(shape)))
-    return out
-
-
-def _entries_of(items: Iterable[tuple[Any, Any]]) -> list[tuple[str, str, tuple[int, ...]]]:
-    out = []
-    for k, t in items:
-        if not isinstance(t, torch.Tensor):
-            raise InputError(f"{k!r} is a {type(t).__name__}, not a torch.Tensor")
-        try:
-            dt = dtypes.from_torch(t.dtype).name
-        except KeyError:
-            raise InputError(f"tensor {k!r} has dtype {t.dtype}, which safetensors/tallfmt cannot store") from None
-        out.append((k, dt, tuple(t.shape)))
-    return out
-
-
-def _header_bytes(specs: list[_Spec], metadata: dict[str, str] | None) -> bytes:
-    """The header exactly as safetensors writes it: compact JSON, __metadata__ first, padded with
-    spaces to a multiple of 8 (so the data starts 8-aligned)."""
-    h: dict[str, Any] = {}
-    if metadata is not None:
-        h["__metadata__"] = metadata
-    pos = 0
-    for name, d, shape in specs:
-        n = math.prod(shape) * d.itemsize
-        h[name] = {"dtype": d.name, "shape": list(shape), "data_offsets": [pos, pos + n]}
-        pos += n
-    try:
-        raw = json.dumps(h, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise InputError(f"a tensor name or metadata string is not valid Unicode ({exc})") from None
-    return raw + b" " * (-len(raw) % 8)
-
-
-class _AtomicFile:
-    """A temporary file beside ``path``; ``commit()`` fsyncs it and renames it over ``path``,
-    ``abort()`` removes it and leaves ``path`` as it was."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        if path.is_dir():
-            raise InputError(f"{path}: is a directory")
-        folder = path.parent
-        if not folder.is_dir():
-            raise InputError(f"{path}: folder {folder} does not exist")
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-        self.tmp_path = Path(tmp)
-        self.file = os.fdopen(fd, "wb")
-        self.done = False
-
-    def commit(self) -> None:
-        try:
-            self.file.flush()
-            os.fsync(self.file.fileno())
-            self.file.close()
-            os.replace(self.tmp_path, self.path)
-        except BaseException:
-            self.abort()
-            raise
-        self.done = True
-        fsync_dir(self.path.parent)
-
-    def abort(self) -> None:
-        if not self.done:
-            self.file.close()
-            self.tmp_path.unlink(missing_ok=True)
-            self.done = True
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    f = _AtomicFile(path)
-    try:
-        f.file.write(data)
-    except BaseException:
-        f.abort()
-        raise
-    f.commit()
-
-
-class SafetensorsWriter:
-    """Streams one ``.safetensors`` file: the header from ``entries`` first, then each tensor's bytes
-    in entries order. Atomic: data goes to a temporary file beside ``path`` that ``close()`` fsyncs and
-    renames over ``path``. Any error (or leaving a ``with`` block by an exception) aborts: the temporary
-    file is removed and an existing ``path`` is left untouched. Tensors sharing memory are written as
-    separate copies. The output is byte-identical for the same inputs and loads with
-    ``safetensors.torch.load_file``.
-
-        >>> import torch, tempfile, os
-        >>> path = os.path.join(tempfile.mkdtemp(), "m.safetensors")
-        >>> with SafetensorsWriter(path, [("w", "F32", (2,)), ("n", "I64", ())]) as w:
-        ...     w.write("w", torch.tensor([1.0, 2.0]))
-        ...     w.write("n", torch.tensor(7))
-        >>> open_checkpoint(path).get("w")
-        tensor([1., 2.])
-    """
-
-    def __init__(self, path: str | os.PathLike[str], entries: list[tuple[str, str, tuple[int, ...]]],
-                 metadata: dict[str, str] | None = None) -> None:
-        self.path = Path(path)
-        self._specs = _check_entries(entries)
-        if metadata is not None and not (isinstance(metadata, Mapping) and all(
-                isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())):
-            raise InputError(f"{self.path}: metadata must map strings to strings")
-        header = _header_bytes(self._specs, dict(metadata) if metadata is not None else None)
-        if len(header) > MAX_HEADER_BYTES:
-            raise InputError(f"{self.path}: header would be {len(header)} bytes, over safetensors' "
-                             f"{MAX_HEADER_BYTES}-byte limit")
-        self._next = 0
-        self._out = _AtomicFile(self.path)
-        self._guard(self._out.file.write, len(header).to_bytes(8, "little") + header)
-
-    def _guard(self, fn: Any, *args: Any) -> Any:
-        try:
-            return fn(*args)
-        except BaseException:
-            self.abort()
-            raise
-
-    @property
-    def closed(self) -> bool:
-        return self._out.done
-
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Append the next tensor; its name, dtype and shape must match the next entry."""
-        self._guard(self._write, name, tensor)
-
-    def _write(self, name: str, tensor: torch.Tensor) -> None:
-        if self._out.done:
-            raise InputError(f"{self.path}: writer is closed")
-        if self._next >= len(self._specs):
-            raise InputError(f"{self.path}: got tensor {name!r} after all {len(self._specs)} entries were written")
-        want, d, shape = self._specs[self._next]
-        if name != want:
-            raise InputError(f"{self.path}: expected tensor {want!r} (entry {self._next}), got {name!r}")
-        if not isinstance(tensor, torch.Tensor) or tensor.dtype != d.torch or tuple(tensor.shape) != shape:
-            got = (f"{tensor.dtype} {tuple(tensor.shape)}" if isinstance(tensor, torch.Tensor)
-                   else type(tensor).__name__)
-            raise InputError(f"{self.path}: tensor {name!r} must be {d.torch} {shape}, got {got}")
-        if tensor.is_meta:
-            raise InputError(f"{self.path}: tensor {name!r} is on the meta device and holds no data")
-        self._out.file.write(memoryview(dtypes.to_numpy(tensor).reshape(-1).view(np.uint8)))
-        self._next += 1
-
-    def close(self) -> None:
-        """Check that every entry was written, fsync and rename into place (no-op once closed)."""
-        if self._out.done:
-            return
-        if self._next != len(self._specs):
-            self.abort()
-            raise InputError(f"{self.path}: only {self._next} of {len(self._specs)} tensors were written "
-                             f"(next: {self._specs[self._next][0]!r}); nothing was saved")
-        self._out.commit()
-
-    def abort(self) -> None:
-        """Remove the temporary file; ``path`` stays as it was."""
-        self._out.abort()
-
-    def __enter__(self) -> SafetensorsWriter:
-        return self
-
-    def __exit__(self, exc_type: object, *rest: object) -> None:
-        if exc_type is not None:
-            self.abort()
-        else:
-            self.close()
-
-
-def save_safetensors(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike[str],
-                     metadata: dict[str, str] | None = None) -> None:
-    """Write a state dict to one ``.safetensors`` file (atomic; tied tensors become separate copies).
-
-        >>> import torch, tempfile, os
-        >>> w = torch.ones(2)
-        >>> p = os.path.join(tempfile.mkdtemp(), "tied.safetensors")
-        >>> save_safetensors({"a": w, "b": w}, p, metadata={"format": "pt"})
-        >>> open_checkpoint(p).names()
-        ['a', 'b']
-    """
-    with SafetensorsWriter(path, _entries_of(state_dict.items()), metadata) as w:
-        for name, t in state_dict.items():
-            w.write(name, t)
-
-
-_END = object()
-
-
-def _stream(path: Path, specs: list[_Spec], it: Iterator[tuple[str, torch.Tensor]],
-            metadata: dict[str, str] | None, last: bool) -> Path:
-    with SafetensorsWriter(path, [(n, d.name, s) for n, d, s in specs], metadata) as w:
-        for name, _, _ in specs:
-            nxt = next(it, _END)
-            if nxt is _END:
-                raise InputError(f"{path}: the tensors ran out before entry {name!r}")
-            w.write(*nxt)
-        if last and next(it, _END) is not _END:
-            raise InputError(f"{path}: more tensors were given than the {len(specs)} entries")
-    return path
-
-
-def _plan_shards(specs: list[_Spec], max_shard_size: int) -> list[list[_Spec]]:
-    """Greedy in entries order, as transformers does: a new shard when the next tensor would pass
-    ``max_shard_size``; a tensor larger than that gets a shard of its own."""
-    shards: list[list[_Spec]] = [[]]
-    size = 0
-    for s in specs:
-        n = math.prod(s[2]) * s[1].itemsize
-        if shards[-1] and size + n > max_shard_size:
-            shards.append([])
-            size = 0
-        shards[-1].append(s)
-        size += n
-    return shards
-
-
-def save_state_dict(tensors: Iterable[tuple[str, torch.Tensor]] | Mapping[str, torch.Tensor],
-                    path: str | os.PathLike[str], *,
-                    entries: list[tuple[str, str, tuple[int, ...]]] | None = None,
-                    max_shard_size: int = 5 * 2**30, metadata: dict[str, str] | None = None) -> list[Path]:
-    """Stream tensors to ``path`` and return the files written.
-
-    ``path`` ending in ``.safetensors``: one file. Otherwise a folder (created if needed), HF-style:
-    ``model.safetensors`` when the tensors fit in ``max_shard_size`` bytes, else
-    ``model-00001-of-0000N.safetensors`` ... and ``model.safetensors.index.json`` (``{"metadata":
-    {"total_size": N}, "weight_map": {name: file}}``, in entries order), written last. Folder shards
-    carry ``{"format": "pt", **metadata}`` as transformers expects. Weight files of the other layout
-    left in the folder by an earlier save are removed, so the folder holds one model.
-
-    ``entries`` ((name, dtype, shape) in the order the tensors come) let an iterable be streamed one
-    tensor at a time; without them the iterable is first collected into a list.
-
-        >>> import torch, tempfile
-        >>> out = tempfile.mkdtemp()
-        >>> sd = {"a": torch.zeros(4), "b": torch.ones(4)}
-        >>> [p.name for p in save_state_dict(sd, out, max_shard_size=16)]
-        ['model-00001-of-00002.safetensors', 'model-00002-of-00002.safetensors', 'model.safetensors.index.json']
-        >>> open_checkpoint(out).names()
-        ['a', 'b']
-    """
-    if isinstance(tensors, Mapping):
-        items: Iterable[tuple[str, torch.Tensor]] = tensors.items()
-    else:
-        items = tensors if entries is not None else list(tensors)
-    specs = _check_entries(entries if entries is not None else _entries_of(items))
-    if not _is_uint(max_shard_size) or max_shard_size == 0:
-        raise InputError(f"max_shard_size must be a positive integer, got {max_shard_size!r}")
-    out = Path(path)
-    it = iter(items)
-    if out.name.endswith(".safetensors"):
-        return [_stream(out, specs, it, metadata, last=True)]
-    if out.exists() and not out.is_dir():
-        raise InputError(f"{out}: exists and is not a folder (name a .safetensors file or a folder)")
-    out.mkdir(parents=True, exist_ok=True)
-    meta = {"format": "pt", **(metadata or {})}
-    shards = _plan_shards(specs, max_shard_size)
-    if len(shards) == 1:
-        written = [_stream(out / SINGLE_NAME, specs, it, meta, last=True)]
-        _remove_stale(out, keep=set(), index_too=True)
-        return written
-    names = [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
-    written = [_stream(out / fn, grp, it, meta, last=i == len(shards) - 1)
-               for i, (fn, grp) in enumerate(zip(names, shards))]
-    # before the index: a stale model.safetensors would be read instead of the new shards
-    (out / SINGLE_NAME).unlink(missing_ok=True)
-    index = {"metadata": {"total_size": sum(math.prod(s) * d.itemsize for _, d, s in specs)},
-             "weight_map": {n: fn for fn, grp in zip(names, shards) for n, _, _ in grp}}
-    _write_atomic(out / INDEX_NAME, (json.dumps(index, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
-    _remove_stale(out, keep=set(names), index_too=False)
-    return [*written, out / INDEX_NAME]
-
-
-def _remove_stale(folder: Path, keep: set[str], index_too: bool) -> None:
-    if index_too:
-        (folder / INDEX_NAME).unlink(missing_ok=True)
-    for p in folder.iterdir():
-        if _SHARD_RE.fullmatch(p.name) and p.name not in keep:
-            p.unlink(missing_ok=True)

@@ -1,46 +1,28 @@
-"""The .tall container: bytes on disk. See FORMAT.md for the normative description.
+"""The header model of a .tall file and its checks (FORMAT.md §1.2, §2, §6): segments, tensor rows,
+tasks, the whole header; parsing and validating header JSON; the segment layout rule.
 
-Layout::
-
-    [0, 64)            preamble: magic, version, header offset/length, checksums, zero padding
-    [64, H)            data section: segments, each at an offset aligned to 64, zero bytes between
-    [H, H + L)         UTF-8 JSON header (H aligned to 64); the file ends exactly at H + L
-
-The header comes last so that a writer can stream segments to disk as it produces them; the preamble is
-written last of all (a seek back to byte 0) and the finished file is renamed into place.
-
-This module knows segments, tensors and their roles, never the math: ``ContainerWriter`` writes
-encoded segments and a header, ``ContainerReader`` validates a header and hands out verified,
-decoded segment bytes.
+Nothing here reads or writes files (see :mod:`tallfmt.format.container`) or does math on tensors.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import mmap
-import os
-import stat
-import struct
-import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Iterator
 
-import numpy as np
 import xxhash
 
-from tallfmt import dtypes
-from tallfmt._files import fsync_dir, loads_strict_object, umask
-from tallfmt.compression import CODECS, MAX_EXPANSION, Buffer, get_codec
-from tallfmt.errors import ChecksumError, FormatError, InputError, LimitError, WriteError
+from tallfmt.errors import FormatError, LimitError
+from tallfmt.format import dtypes
+from tallfmt.format.codecs import CODECS, MAX_EXPANSION, Buffer
+from tallfmt.format.jsonio import loads_strict_object
 
 MAGIC = b"\x89TALL\r\n\x1a"
 FORMAT_NAME = "tallfmt"
 MAJOR, MINOR = 1, 0
 PREAMBLE_SIZE = 64
 ALIGN = 64
-_PREAMBLE = struct.Struct("<8sHHIQQQQ")  # magic, major, minor, flags, hdr offset, hdr length, hdr xxh3, preamble xxh3
 
 # Documented limits (FORMAT.md "Limits"). A file past any of them is refused before allocating for it.
 MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -52,7 +34,7 @@ MAX_NAME_BYTES = 4096
 MAX_TENSOR_BYTES = 1 << 48
 
 ROLES = ("masked", "shared", "per_task", "alias")
-MERGES = ("task_arithmetic", "ties")
+MERGE_METHODS = ("task_arithmetic", "ties")  # how τ_MTL was made (encoding.merge)
 MASK_METHODS = ("tall", "magnitude")
 
 
@@ -119,12 +101,23 @@ class TensorEntry:
         return math.prod(self.shape) if self.shape is not None else 0
 
     def segments(self) -> Iterator[Segment]:
-        for s in (self.base, self.tau, *self.masks, self.data):
-            if s is not None:
-                yield s
+        for s, _ in self.parts():
+            yield s
+
+    def parts(self) -> Iterator[tuple[Segment, int]]:
+        """(segment, itemsize of its elements) for every segment of the row."""
+        if self.role in ("masked", "shared"):
+            own = dtypes.by_name(self.dtype).itemsize
+            for s in (self.base, self.data):
+                if s is not None:
+                    yield s, own
+        if self.tau is not None:
+            yield self.tau, 4
+        for m in self.masks:
+            yield m, 1
         for it in (self.base_item, *self.task_items):
             if it is not None:
-                yield it.data
+                yield it.data, dtypes.by_name(it.dtype).itemsize
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.name, "role": self.role}
@@ -181,7 +174,7 @@ class Header:
 # Header parsing and validation
 
 
-class _Checker:
+class HeaderChecker:
     """Validates the parsed JSON against FORMAT.md; every error names the file and the JSON path."""
 
     def __init__(self, path: str, strict: bool) -> None:
@@ -327,7 +320,7 @@ class _Checker:
         self.str_(o["compute_dtype"], "encoding.compute_dtype", ("F32",))
         self.str_(o["bit_order"], "encoding.bit_order", ("little",))
         m = self.obj(o["merge"], "encoding.merge", {"method"}, frozenset({"density", "agg", "scope"}))
-        method = self.str_(m["method"], "encoding.merge.method", MERGES)
+        method = self.str_(m["method"], "encoding.merge.method", MERGE_METHODS)
         if method == "ties":
             self.obj(m, "encoding.merge", {"method", "density", "agg", "scope"})
             d = self.num(m["density"], "encoding.merge.density")
@@ -413,7 +406,7 @@ def load_json_object(raw: bytes, path: str, what: str = "header", minor: int = M
 def parse_header(raw: bytes, path: str = "<header>") -> Header:
     """Decode, parse and validate header bytes (UTF-8 JSON) into a Header; FormatError when invalid."""
     obj, strict = load_json_object(raw, path, "header")
-    return _Checker(path, strict).header(obj)
+    return HeaderChecker(path, strict).header(obj)
 
 
 def segment_locations(header: Header) -> list[tuple[str, Segment]]:
@@ -453,267 +446,3 @@ def check_layout(header: Header, file_size: int, header_offset: int, path: str) 
                           f"(expected {align(pos)})")
     return segs
 
-
-# ----------------------------------------------------------------------------------------------
-# Reader
-
-
-class ContainerReader:
-    """Opens a .tall file, validates preamble, header and layout, and memory-maps the data.
-
-    Segments are read lazily: ``read(segment, itemsize)`` checks the stored bytes' checksum and decodes
-    them. Safe to share between threads; open one reader per process.
-
-        >>> with ContainerReader("zoo.tall") as r:          # doctest: +SKIP
-        ...     print(r.header.task_names)
-    """
-
-    def __init__(self, path: str | os.PathLike) -> None:
-        self.path = str(path)
-        try:
-            # O_NONBLOCK: opening a FIFO must not wait for a writer (it is refused just below)
-            fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-        except FileNotFoundError:
-            raise FormatError(f"{self.path}: no such file") from None
-        except IsADirectoryError:
-            raise FormatError(f"{self.path}: is a directory, not a .tall file") from None
-        except OSError as exc:
-            raise FormatError(f"{self.path}: cannot open ({exc.strerror})") from None
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            os.close(fd)
-            kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file (a device, FIFO or socket)"
-            raise FormatError(f"{self.path}: is {kind}, not a .tall file")
-        self._file = os.fdopen(fd, "rb")
-        self._mm: mmap.mmap | None = None
-        try:
-            self._open()
-        except BaseException:
-            self.close()
-            raise
-
-    def _open(self) -> None:
-        p = self.path
-        size = os.fstat(self._file.fileno()).st_size
-        pre = self._file.read(PREAMBLE_SIZE)
-        if len(pre) < 8 or pre[:8] != MAGIC:
-            raise FormatError(f"{p}: not a .tall file (bad magic bytes {pre[:8]!r})")
-        if len(pre) < PREAMBLE_SIZE:
-            raise FormatError(f"{p}: file is {size} bytes, shorter than the {PREAMBLE_SIZE}-byte preamble")
-        magic, major, minor, flags, h_off, h_len, h_sum, p_sum = _PREAMBLE.unpack_from(pre)
-        if xxhash.xxh3_64_intdigest(pre[:40]) != p_sum:
-            raise ChecksumError(f"{p}: preamble checksum mismatch (the first 64 bytes are damaged)")
-        if major != MAJOR:
-            raise FormatError(f"{p}: format major version {major} is not supported (this reader reads {MAJOR})")
-        if flags != 0:
-            raise FormatError(f"{p}: preamble flags are {flags:#x}, must be 0")
-        if any(pre[48:]):
-            raise FormatError(f"{p}: preamble reserved bytes (48..64) are not zero")
-        if h_len > MAX_HEADER_BYTES:
-            raise LimitError(f"{p}: header length {h_len} is over the {MAX_HEADER_BYTES}-byte limit")
-        if h_off < PREAMBLE_SIZE or h_off % ALIGN or h_off + h_len != size:
-            raise FormatError(f"{p}: header at [{h_off}, {h_off + h_len}) does not end the "
-                              f"{size}-byte file at an aligned offset (truncated or trailing bytes?)")
-        self._file.seek(h_off)
-        raw = self._file.read(h_len)
-        if xxhash.xxh3_64_intdigest(raw) != h_sum:
-            raise ChecksumError(f"{p}: header checksum mismatch")
-        self.header = parse_header(raw, p)
-        if self.header.version[0] != major or self.header.version[1] != minor:
-            raise FormatError(f"{p}: header version {list(self.header.version)} differs from the preamble's "
-                              f"[{major}, {minor}]")
-        self.header_offset, self.header_length, self.file_size = h_off, h_len, size
-        self.segments = check_layout(self.header, size, h_off, p)
-        self._where = {id(s): w for w, s in segment_locations(self.header)}
-        self._mm = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
-        self._check_padding()
-
-    def _check_padding(self) -> None:
-        pos = PREAMBLE_SIZE
-        for s in (*self.segments, None):
-            end = s.offset if s is not None else self.header_offset
-            if any(self._mm[pos:end]):
-                raise FormatError(f"{self.path}: padding bytes [{pos}, {end}) are not zero")
-            if s is not None:
-                pos = s.offset + s.length
-
-    def stored(self, seg: Segment) -> memoryview:
-        """The segment's stored bytes (a view of the memory map), checksum verified."""
-        if self._mm is None:
-            raise InputError(f"{self.path}: the archive is closed")
-        view = memoryview(self._mm)[seg.offset:seg.offset + seg.length]
-        if checksum(view) != seg.xxh3:
-            view.release()
-            raise ChecksumError(f"{self.path}: {self._locate(seg)}: checksum mismatch (xxh3 of the stored "
-                                f"bytes is not {seg.xxh3})")
-        return view
-
-    def _locate(self, seg: Segment) -> str:
-        return f"{self._where.get(id(seg), 'segment')} (segment at offset {seg.offset})"
-
-    def read(self, seg: Segment, itemsize: int) -> Buffer:
-        """The decoded bytes of a segment (zero-copy for raw segments), checksum verified first."""
-        try:
-            return get_codec(seg.codec).decode(self.stored(seg), seg.decoded_length, itemsize)
-        except FormatError as exc:
-            if str(exc).startswith(self.path):
-                raise
-            raise type(exc)(f"{self.path}: {self._locate(seg)}, codec {seg.codec}: {exc}") from None
-
-    def read_array(self, seg: Segment, dtype: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
-        """A segment decoded as a numpy array of the dtype's storage type (read-only for raw segments)."""
-        d = dtypes.by_name(dtype)
-        arr = np.frombuffer(self.read(seg, d.itemsize), dtype=d.storage)
-        return arr if shape is None else arr.reshape(shape)
-
-    def verify(self) -> None:
-        """Check every segment's checksum and decode it; raise the first FormatError found."""
-        for t in self.header.tensors:
-            for s in t.segments():
-                self.read(s, 1 if s.codec != "byteplane-zstd" else _itemsize_of(t, s))
-
-    def close(self) -> None:
-        if self._mm is not None:
-            mm, self._mm = self._mm, None
-            try:
-                mm.close()
-            except BufferError:
-                # views of the map are still alive (arrays of raw segments, or frames of a traceback
-                # being handled): the map is unmapped when the last of them goes
-                pass
-        self._file.close()
-
-    def __enter__(self) -> "ContainerReader":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def _itemsize_of(t: TensorEntry, s: Segment) -> int:
-    if s is t.tau:
-        return 4
-    if any(s is m for m in t.masks):
-        return 1
-    if t.dtype is not None:
-        return dtypes.by_name(t.dtype).itemsize
-    for it in (t.base_item, *t.task_items):
-        if it is not None and it.data is s:
-            return dtypes.by_name(it.dtype).itemsize
-    return 1
-
-
-# ----------------------------------------------------------------------------------------------
-# Writer
-
-
-class ContainerWriter:
-    """Streams segments to a temporary file beside ``path``; ``finish(header)`` makes it the archive.
-
-    The header and the preamble are written last, the file is fsynced and renamed over ``path``; an
-    exception (or a kill) before that leaves ``path`` untouched and the temporary file removed (on an
-    exception) or named ``.<name>.*.tmp`` (on a kill).
-
-        >>> with ContainerWriter("x.tall") as w:             # doctest: +SKIP
-        ...     seg = w.write_segment(b"...", "zstd", 1)
-        ...     w.finish(header)
-    """
-
-    def __init__(self, path: str | os.PathLike, *, overwrite: bool = True) -> None:
-        self.path = Path(path)
-        if not overwrite and self.path.exists():
-            raise InputError(f"{self.path}: already exists (pass overwrite=True / --force to replace it)")
-        if self.path.is_dir():
-            raise InputError(f"{self.path}: is a directory")
-        folder = self.path.parent if str(self.path.parent) else Path(".")
-        if not folder.is_dir():
-            raise InputError(f"{self.path}: folder {folder} does not exist")
-        try:
-            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=folder)
-        except OSError as exc:
-            raise self._error("cannot create a temporary file in the target folder", exc) from exc
-        self.tmp_path = Path(tmp)
-        self._file = os.fdopen(fd, "w+b")
-        self._pos = 0
-        self._done = False
-        try:
-            self._write(bytes(PREAMBLE_SIZE))
-        except BaseException:
-            self.abort()
-            raise
-
-    def _error(self, what: str, exc: OSError) -> WriteError:
-        return WriteError(exc.errno, f"{self.path}: {what} ({exc.strerror or exc}); the target was not changed")
-
-    def _write(self, data: Buffer) -> None:
-        view = memoryview(data).cast("B") if not isinstance(data, np.ndarray) else memoryview(
-            np.ascontiguousarray(data).reshape(-1).view(np.uint8))
-        try:
-            self._file.write(view)
-        except OSError as exc:
-            raise self._error(f"cannot write {self.tmp_path.name}", exc) from exc
-        self._pos += len(view)
-
-    def _pad(self) -> None:
-        gap = align(self._pos) - self._pos
-        if gap:
-            self._write(bytes(gap))
-
-    def write_segment(self, data: Buffer, codec: str, itemsize: int) -> Segment:
-        """Encode ``data`` (the decoded bytes) with ``codec`` and append it; returns its Segment."""
-        c = get_codec(codec)
-        decoded = memoryview(np.ascontiguousarray(data).reshape(-1).view(np.uint8)) if isinstance(
-            data, np.ndarray) else memoryview(data).cast("B")
-        stored = c.encode(decoded, itemsize)
-        return self.write_stored(stored, len(decoded), codec)
-
-    def write_stored(self, stored: Buffer, decoded_length: int, codec: str) -> Segment:
-        """Append already-encoded bytes (e.g. copied from another archive)."""
-        self._pad()
-        seg = Segment(self._pos, len(memoryview(stored).cast("B")), decoded_length, codec, checksum(stored))
-        self._write(stored)
-        return seg
-
-    def finish(self, header: Header) -> Path:
-        """Write header and preamble, fsync, rename into place. Returns the final path."""
-        raw = header.to_bytes()
-        if len(raw) > MAX_HEADER_BYTES:
-            raise LimitError(f"{self.path}: header would be {len(raw)} bytes, over the {MAX_HEADER_BYTES} limit")
-        self._pad()
-        h_off = self._pos
-        self._write(raw)
-        pre = bytearray(PREAMBLE_SIZE)
-        _PREAMBLE.pack_into(pre, 0, MAGIC, header.version[0], header.version[1], 0, h_off, len(raw),
-                            xxhash.xxh3_64_intdigest(raw), 0)
-        struct.pack_into("<Q", pre, 40, xxhash.xxh3_64_intdigest(bytes(pre[:40])))
-        try:
-            self._file.seek(0)
-            self._file.write(pre)
-            self._file.flush()
-            os.fsync(self._file.fileno())
-            self._file.close()
-            os.chmod(self.tmp_path, 0o666 & ~umask())  # mkstemp makes 0600; give the usual permissions
-            os.replace(self.tmp_path, self.path)
-        except OSError as exc:
-            raise self._error(f"cannot finish {self.tmp_path.name}", exc) from exc
-        self._done = True
-        fsync_dir(self.path.parent)
-        return self.path
-
-    def abort(self) -> None:
-        """Drop the temporary file; ``path`` is left as it was."""
-        if not self._done:
-            self._done = True
-            try:
-                self._file.close()  # may fail flushing buffered bytes on a full disk: the file goes anyway
-            except OSError:
-                pass
-            finally:
-                self.tmp_path.unlink(missing_ok=True)
-
-    def __enter__(self) -> "ContainerWriter":
-        return self
-
-    def __exit__(self, exc_type: object, *rest: object) -> None:
-        if not self._done:
-            self.abort()

@@ -1,0 +1,299 @@
+"""Segment codecs (FORMAT.md §5): a registry of byte-to-byte transforms, each with the id stored in
+the header — the one source of truth for the codec names the CLI and the writer offer.
+
+A codec follows numcodecs' shape: ``codec_id``, ``encode(buf, itemsize)``, ``decode(buf,
+decoded_length, itemsize, out=None)`` and ``get_config()``. ``itemsize`` is the size of the segment's
+elements (1 for packed masks), which byte-plane codecs need. Every decoder checks that what it produces
+has exactly the declared decoded length *before* allocating more than that, so a hostile segment
+cannot expand past what the header (already validated against shape × dtype) promised; with ``out``
+the bytes land straight in the caller's buffer.
+
+    >>> c = get_codec("zstd")
+    >>> bytes(c.decode(c.encode(b"abc" * 10, 1), 30, 1))[:6]
+    b'abcabc'
+
+Register your own with :func:`register_codec` (in Python: import your module before reading; for the
+command line: an entry point in the ``tallfmt.codecs`` group naming the codec object).
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import zstandard
+
+from tallfmt.errors import FormatError, InputError
+
+#: Largest ratio decoded/stored any valid zstd frame can reach (a 128 KiB RLE block costs 4 bytes);
+#: a segment claiming more is refused before anything is decompressed.
+MAX_EXPANSION = 32768
+#: Largest zstd window a reader accepts (zstd's own default decoder limit): bounds what a frame can
+#: make the decompressor allocate.
+MAX_WINDOW = 1 << 27
+#: zstd level used when encoding; level 3 did not beat level 1 on float byte planes.
+ZSTD_LEVEL = 1
+#: ``codec="auto"``: the writer's default choice per segment (FORMAT.md §5).
+AUTO = "auto"
+
+Buffer = bytes | bytearray | memoryview | np.ndarray
+
+
+@runtime_checkable
+class Codec(Protocol):
+    """What a segment codec provides (numcodecs-style)."""
+
+    codec_id: str
+
+    def encode(self, buf: Buffer, itemsize: int) -> bytes: ...
+
+    def decode(self, buf: Buffer, decoded_length: int, itemsize: int, out: np.ndarray | None = None) -> Buffer: ...
+
+    def get_config(self) -> dict[str, Any]: ...
+
+
+def as_bytes(data: Buffer) -> memoryview:
+    """A flat byte view of a buffer or a contiguous array (no copy)."""
+    if isinstance(data, np.ndarray):
+        data = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
+    return memoryview(data).cast("B")
+
+
+def _out(out: np.ndarray | None, n: int) -> np.ndarray:
+    if out is None:
+        return np.empty(n, dtype=np.uint8)
+    if not isinstance(out, np.ndarray) or out.dtype != np.uint8 or out.ndim != 1 or out.shape[0] != n \
+            or not out.flags.c_contiguous or not out.flags.writeable:
+        raise InputError(f"out: expected a writable contiguous uint8 array of {n} bytes")
+    return out
+
+
+class RawCodec:
+    """Stored bytes are the decoded bytes (the reader can return a zero-copy view)."""
+
+    codec_id = "raw"
+
+    def encode(self, buf: Buffer, itemsize: int) -> bytes:
+        return bytes(as_bytes(buf))
+
+    def decode(self, buf: Buffer, decoded_length: int, itemsize: int, out: np.ndarray | None = None) -> Buffer:
+        view = as_bytes(buf)
+        if len(view) != decoded_length:
+            raise FormatError(f"raw segment holds {len(view)} bytes, header says {decoded_length}")
+        if out is None:
+            return view
+        o = _out(out, decoded_length)
+        o[:] = np.frombuffer(view, dtype=np.uint8)
+        return o
+
+    def get_config(self) -> dict[str, Any]:
+        return {"id": self.codec_id}
+
+
+_local = threading.local()
+
+
+def _compressor(level: int) -> zstandard.ZstdCompressor:
+    """This thread's compression context for ``level`` (contexts are reused, never shared)."""
+    cache = getattr(_local, "compressors", None)
+    if cache is None:
+        cache = _local.compressors = {}
+    if level not in cache:
+        # one frame with its content size written, so a reader can check it before allocating
+        cache[level] = zstandard.ZstdCompressor(level=level, write_content_size=True)
+    return cache[level]
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    d = getattr(_local, "decompressor", None)
+    if d is None:
+        d = _local.decompressor = zstandard.ZstdDecompressor(max_window_size=MAX_WINDOW)
+    return d
+
+
+def zstd_compress(data: Buffer, level: int = ZSTD_LEVEL) -> bytes:
+    """One zstd frame of ``data`` with its content size (this thread's reused context)."""
+    return _compressor(level).compress(as_bytes(data))
+
+
+def _check_frame(view: memoryview, decoded_length: int, what: str) -> None:
+    try:
+        params = zstandard.get_frame_parameters(view)
+    except zstandard.ZstdError as exc:
+        raise FormatError(f"{what}: not a zstd frame ({exc})") from None
+    size = params.content_size
+    if size != decoded_length:
+        shown = "no content size" if size == zstandard.CONTENTSIZE_UNKNOWN else f"{size} decoded bytes"
+        raise FormatError(f"{what}: frame declares {shown}, header says {decoded_length}")
+    if params.window_size > MAX_WINDOW:
+        raise FormatError(f"{what}: frame window of {params.window_size} bytes is over the {MAX_WINDOW}-byte limit")
+
+
+def _frame_length(view: memoryview) -> int | None:
+    """Stored size of the zstd frame at the start of ``view``, from its block headers (RFC 8878 §3.1.1);
+    None when that cannot be read (the caller then takes the general path, which reports the error)."""
+    try:
+        pos = zstandard.frame_header_size(view)
+        has_checksum = zstandard.get_frame_parameters(view).has_checksum
+    except zstandard.ZstdError:
+        return None
+    while True:
+        if pos + 3 > len(view):
+            return None
+        h = view[pos] | view[pos + 1] << 8 | view[pos + 2] << 16
+        kind = (h >> 1) & 3  # 0 raw, 1 RLE (one byte follows), 2 compressed, 3 reserved
+        if kind == 3:
+            return None
+        pos += 3 + (1 if kind == 1 else h >> 3)
+        if h & 1:  # last block
+            return pos + (4 if has_checksum else 0)
+
+
+def zstd_decompress_into(data: Buffer, out: np.ndarray, what: str = "zstd frame") -> None:
+    """Decompress exactly one frame holding ``len(out)`` bytes straight into ``out``; FormatError for
+    anything else (no frame, another content size, a window over the limit, corrupt data, bytes after
+    the frame)."""
+    view = as_bytes(data)
+    n = len(out)
+    _check_frame(view, n, what)
+    if n == 0 or _frame_length(view) != len(view):
+        try:
+            got = _decompressor().decompress(view, allow_extra_data=False)
+        except zstandard.ZstdError as exc:
+            raise FormatError(f"{what}: corrupt zstd data ({exc})") from None
+        if len(got) != n:
+            raise FormatError(f"{what}: decoded to {len(got)} bytes, header says {n}")
+        out[:] = np.frombuffer(got, dtype=np.uint8)
+        return
+    dest = memoryview(out).cast("B")
+    done = 0
+    try:
+        with _decompressor().stream_reader(view, read_across_frames=False) as reader:
+            while done < n:
+                k = reader.readinto(dest[done:])
+                if not k:
+                    break
+                done += k
+            more = len(reader.read(1)) if done == n else 0
+    except zstandard.ZstdError as exc:
+        raise FormatError(f"{what}: corrupt zstd data ({exc})") from None
+    if done != n or more:
+        raise FormatError(f"{what}: decoded to {done + more}{'+' if more else ''} bytes, header says {n}")
+
+
+class ZstdCodec:
+    """One zstd frame of the whole segment."""
+
+    codec_id = "zstd"
+
+    def __init__(self, level: int = ZSTD_LEVEL) -> None:
+        self.level = level
+
+    def encode(self, buf: Buffer, itemsize: int) -> bytes:
+        return zstd_compress(buf, self.level)
+
+    def decode(self, buf: Buffer, decoded_length: int, itemsize: int, out: np.ndarray | None = None) -> Buffer:
+        o = _out(out, decoded_length)
+        zstd_decompress_into(buf, o)
+        return o
+
+    def get_config(self) -> dict[str, Any]:
+        return {"id": self.codec_id, "level": self.level}
+
+
+class BytePlaneZstdCodec:
+    """Split elements into byte planes (byte k of every element together), zstd each plane.
+
+    The exponent byte of floats compresses well once apart from the noisy low mantissa bytes (the
+    ZipNN idea). Stored layout: ``itemsize`` little-endian u64 lengths, then one zstd frame per plane,
+    plane 0 being the least significant byte of each element.
+    """
+
+    codec_id = "byteplane-zstd"
+
+    def __init__(self, level: int = ZSTD_LEVEL) -> None:
+        self.level = level
+
+    def encode(self, buf: Buffer, itemsize: int) -> bytes:
+        from tallfmt.format.planes import split_planes
+
+        view = np.frombuffer(as_bytes(buf), dtype=np.uint8)
+        if itemsize < 1 or len(view) % itemsize:
+            raise InputError(f"byteplane-zstd: {len(view)} bytes is not a whole number of {itemsize}-byte items")
+        frames = [zstd_compress(p, self.level) for p in split_planes(view, itemsize)]
+        return struct.pack(f"<{itemsize}Q", *map(len, frames)) + b"".join(frames)
+
+    def frames(self, buf: Buffer, decoded_length: int, itemsize: int) -> list[memoryview]:
+        """The plane frames of a stored segment, after checking the table and every frame's header."""
+        view = as_bytes(buf)
+        if itemsize < 1 or decoded_length % itemsize:
+            raise FormatError(f"byteplane-zstd: decoded length {decoded_length} is not a multiple of {itemsize}")
+        table = 8 * itemsize
+        if len(view) < table:
+            raise FormatError(f"byteplane-zstd: {len(view)} stored bytes cannot hold the {itemsize}-plane table")
+        lengths = struct.unpack_from(f"<{itemsize}Q", view)
+        if sum(lengths) != len(view) - table:
+            raise FormatError(
+                f"byteplane-zstd: plane lengths add up to {sum(lengths)}, segment holds {len(view) - table}")
+        n = decoded_length // itemsize
+        out, pos = [], table
+        for k, length in enumerate(lengths):  # every frame's stated size is checked before allocating
+            frame = view[pos:pos + length]
+            _check_frame(frame, n, f"byteplane-zstd plane {k}")
+            out.append(frame)
+            pos += length
+        return out
+
+    def decode(self, buf: Buffer, decoded_length: int, itemsize: int, out: np.ndarray | None = None) -> Buffer:
+        from tallfmt.format.planes import merge_planes
+
+        frames = self.frames(buf, decoded_length, itemsize)
+        o = _out(out, decoded_length)
+        planes = np.empty((itemsize, decoded_length // itemsize), dtype=np.uint8)
+        for k, frame in enumerate(frames):
+            zstd_decompress_into(frame, planes[k], what=f"byteplane-zstd plane {k}")
+        return merge_planes(planes, o)
+
+    def get_config(self) -> dict[str, Any]:
+        return {"id": self.codec_id, "level": self.level}
+
+
+CODECS: dict[str, Codec] = {}
+
+
+def register_codec(codec: Codec) -> Codec:
+    """Add a codec to the registry (its id must be new and not ``auto``). Archives that use it need it
+    to be read. Returns the codec."""
+    if not isinstance(codec, Codec):
+        raise InputError(f"{codec!r} is not a codec (codec_id, encode, decode, get_config)")
+    if codec.codec_id in CODECS or codec.codec_id == AUTO:
+        raise InputError(f"codec id {codec.codec_id!r} is already registered")
+    CODECS[codec.codec_id] = codec
+    return codec
+
+
+for _c in (RawCodec(), ZstdCodec(), BytePlaneZstdCodec()):
+    register_codec(_c)
+
+
+def get_codec(codec_id: str) -> Codec:
+    """The registered codec with this id; InputError if there is none."""
+    try:
+        return CODECS[codec_id]
+    except (KeyError, TypeError):
+        raise InputError(f"unknown codec {codec_id!r}; known: {sorted(CODECS)}") from None
+
+
+def choose(codec: str, itemsize: int) -> str:
+    """The codec id for a segment of ``itemsize``-byte elements: ``codec`` itself, or for ``auto``
+    byteplane-zstd for multi-byte elements and zstd for masks and bytes."""
+    if codec != AUTO:
+        return codec
+    return "byteplane-zstd" if itemsize > 1 else "zstd"
+
+
+def choices() -> list[str]:
+    """What ``encode(codec=...)`` accepts: ``auto`` and every registered codec id."""
+    return [AUTO, *CODECS]

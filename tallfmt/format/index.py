@@ -1,0 +1,228 @@
+"""The index of a sharded archive, ``tall.index.json`` (FORMAT.md §9.2, §9.3): its model, how it is
+sealed with its own checksum, and its checks.
+
+    >>> shard_name(1, 3)
+    'model-00001-of-00003.tall'
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+import xxhash
+
+from tallfmt.errors import ChecksumError, FormatError, InputError, LimitError
+from tallfmt.format.header import MAX_TASKS, MAX_TENSORS, PREAMBLE_SIZE, HeaderChecker, TaskEntry, load_json_object
+
+INDEX_NAME = "tall.index.json"
+INDEX_FORMAT = "tallfmt-index"
+INDEX_MAJOR, INDEX_MINOR = 1, 0
+MAX_SHARDS = 99_999                     # five digits in the shard file names
+MAX_INDEX_BYTES = 256 * 1024 * 1024
+MAX_FILE_NAME_BYTES = 255               # what common filesystems allow for one path component
+SHARD_RE = re.compile(r"model-\d{5}-of-\d{5}\.tall")
+# The index ends with its own checksum: `"checksum": "<16 hex>"` closing the top-level object.
+_CHECKSUM_TAIL = re.compile(rb'"checksum"[ \t\r\n]*:[ \t\r\n]*"([0-9a-f]{16})"[ \t\r\n]*\}[ \t\r\n]*\Z')
+_HEX16 = re.compile(r"[0-9a-f]{16}")
+
+
+def shard_name(i: int, n: int) -> str:
+    """The file name of shard ``i`` (1-based) of ``n``."""
+    return f"model-{i:05d}-of-{n:05d}.tall"
+
+
+# ----------------------------------------------------------------------------------------------
+# The index
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """One row of the index's ``shards``: a file in the index's folder, its size, its header's XXH3-64."""
+
+    file: str
+    size: int
+    header_xxh3: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"file": self.file, "size": self.size, "header_xxh3": self.header_xxh3}
+
+
+@dataclass(frozen=True)
+class ShardIndex:
+    """The parsed ``tall.index.json`` (FORMAT.md §9).
+
+    ``thresholds`` maps "ties" and "magnitude" to one float32 threshold per task (None: k = 0, nothing
+    kept) when that step used a global scope, else to None. ``weight_map`` lists every tensor in the
+    archive's order.
+    """
+
+    tasks: tuple[TaskEntry, ...]
+    encoding: dict[str, Any]
+    thresholds: dict[str, tuple[float | None, ...] | None]
+    metadata: dict[str, str]
+    shards: tuple[ShardInfo, ...]
+    weight_map: dict[str, str]
+    version: tuple[int, int] = (INDEX_MAJOR, INDEX_MINOR)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": INDEX_FORMAT, "version": list(self.version), "tasks": [t.to_json() for t in self.tasks],
+                "encoding": self.encoding,
+                "thresholds": {k: None if v is None else list(v) for k, v in self.thresholds.items()},
+                "metadata": dict(self.metadata), "shards": [s.to_json() for s in self.shards],
+                "weight_map": dict(self.weight_map)}
+
+    def to_bytes(self) -> bytes:
+        """The index file: indented JSON whose last member is the checksum of the bytes before it."""
+        return seal_index(json.dumps(self.to_json(), indent=2, ensure_ascii=False, allow_nan=False))
+
+    def tensors_of(self, file: str) -> list[str]:
+        """The tensors that ``weight_map`` gives to shard ``file``, in archive order."""
+        return [n for n, f in self.weight_map.items() if f == file]
+
+
+def seal_index(text: str) -> bytes:
+    """Append the ``checksum`` member to the JSON text of an index object (without one).
+
+    The checksum is the XXH3-64 of every byte before the ``"checksum"`` key (FORMAT.md §9.2).
+
+        >>> seal_index('{"a": 1}')
+        b'{"a": 1,\\n  "checksum": "1cbd3ded2f3e6d58"\\n}\\n'
+    """
+    body = text.rstrip()
+    if not body.endswith("}"):
+        raise InputError("an index is a JSON object")
+    raw = (body[:-1].rstrip() + ",\n  ").encode("utf-8")
+    return raw + f'"checksum": "{xxhash.xxh3_64_hexdigest(raw)}"\n}}\n'.encode()
+
+
+class IndexChecker(HeaderChecker):
+    """The header checker's rules, with errors that name the index file and field."""
+
+    def fail(self, where: str, msg: str) -> FormatError:
+        return FormatError(f"{self.path}: index {where}: {msg}")
+
+    def list_(self, v: Any, where: str, max_len: int) -> list:
+        if isinstance(v, list) and len(v) > max_len:
+            raise LimitError(f"{self.path}: index {where}: {len(v)} entries, the limit is {max_len}")
+        return super().list_(v, where, max_len)
+
+    def file_name(self, v: Any, where: str) -> str:
+        """A plain file name inside the index's folder: no separators, not '.', '..' or the index."""
+        s = self.str_(v, where)
+        if (not s or s in (".", "..", INDEX_NAME) or any(c in s for c in "/\\\0")
+                or len(s.encode("utf-8", "surrogatepass")) > MAX_FILE_NAME_BYTES):
+            raise self.fail(where, f"{s!r} is not a plain file name inside the index's folder")
+        return s
+
+    def threshold_list(self, v: Any, where: str, n_tasks: int, used: bool, what: str) -> tuple | None:
+        if v is None:
+            if used:
+                raise self.fail(where, f"the encoding uses a global {what} scope, so the thresholds are required")
+            return None
+        if not used:
+            raise self.fail(where, f"must be null: the encoding has no global {what} step")
+        vals = self.list_(v, where, MAX_TASKS)
+        if len(vals) != n_tasks:
+            raise self.fail(where, f"{len(vals)} thresholds for {n_tasks} tasks")
+        out = []
+        for i, x in enumerate(vals):
+            x = self.num(x, f"{where}[{i}]", allow_none=True)
+            if x is not None and (x < 0 or struct.unpack("<f", struct.pack("<f", x))[0] != x):
+                raise self.fail(f"{where}[{i}]", f"{x!r} is not a non-negative float32 value")
+            out.append(x)
+        return tuple(out)
+
+    def index(self, v: Any) -> ShardIndex:
+        keys = {"format", "version", "tasks", "encoding", "thresholds", "metadata", "shards", "weight_map",
+                "checksum"}
+        o = self.obj(v, "", keys)
+        if o["format"] != INDEX_FORMAT:
+            raise self.fail("format", f"expected {INDEX_FORMAT!r}, got {o['format']!r}")
+        ver = self.list_(o["version"], "version", 2)
+        if len(ver) != 2:
+            raise self.fail("version", "expected [major, minor]")
+        version = (self.int_(ver[0], "version[0]", 0, 65535), self.int_(ver[1], "version[1]", 0, 65535))
+        if version[0] != INDEX_MAJOR:
+            raise self.fail("version", f"major version {version[0]} is not supported (this reader reads "
+                                       f"{INDEX_MAJOR})")
+        tasks = tuple(self.task(t, f"tasks[{i}]") for i, t in enumerate(self.list_(o["tasks"], "tasks", MAX_TASKS)))
+        if not tasks:
+            raise self.fail("tasks", "an archive holds at least one task")
+        if len({t.name for t in tasks}) != len(tasks):
+            raise self.fail("tasks", "duplicate task names")
+        enc = self.encoding(o["encoding"])
+        if enc["mask"]["method"] == "tall" and any(t.lam is None for t in tasks):
+            raise self.fail("tasks", "TALL masks need a lambda for every task")
+        th = self.obj(o["thresholds"], "thresholds", {"ties", "magnitude"})
+        thresholds = {
+            "ties": self.threshold_list(th["ties"], "thresholds.ties", len(tasks),
+                                        enc["merge"]["method"] == "ties" and enc["merge"]["scope"] == "global",
+                                        "TIES"),
+            "magnitude": self.threshold_list(th["magnitude"], "thresholds.magnitude", len(tasks),
+                                             enc["mask"]["method"] == "magnitude"
+                                             and enc["mask"]["scope"] == "global", "magnitude mask")}
+        meta = self.obj(o["metadata"], "metadata", set(), frozenset(o["metadata"]) if isinstance(o["metadata"], dict)
+                        else frozenset())
+        for k, s in meta.items():
+            if not isinstance(s, str):
+                raise self.fail(f"metadata.{k}", "metadata values are strings")
+        shards = []
+        for i, s in enumerate(self.list_(o["shards"], "shards", MAX_SHARDS)):
+            s = self.obj(s, f"shards[{i}]", {"file", "size", "header_xxh3"})
+            info = ShardInfo(self.file_name(s["file"], f"shards[{i}].file"),
+                             self.int_(s["size"], f"shards[{i}].size", PREAMBLE_SIZE),
+                             self.str_(s["header_xxh3"], f"shards[{i}].header_xxh3"))
+            if not _HEX16.fullmatch(info.header_xxh3):
+                raise self.fail(f"shards[{i}].header_xxh3", "expected 16 lowercase hex digits")
+            shards.append(info)
+        if not shards:
+            raise self.fail("shards", "an index lists at least one shard")
+        files = [s.file for s in shards]
+        if len(set(files)) != len(files):
+            raise self.fail("shards", "a file is listed twice")
+        wm = self.obj(o["weight_map"], "weight_map", set(), frozenset(o["weight_map"])
+                      if isinstance(o["weight_map"], dict) else frozenset())
+        if len(wm) > MAX_TENSORS:
+            raise LimitError(f"{self.path}: index weight_map: {len(wm)} tensors, the limit is {MAX_TENSORS}")
+        known, used = set(files), set()
+        for name, file in wm.items():
+            self.name(name, f"weight_map ({name[:80]!r})")
+            if self.str_(file, f"weight_map.{name}") not in known:
+                raise self.fail(f"weight_map.{name}", f"{file!r} is not a file listed in shards")
+            used.add(file)
+        idle = [f for f in files if f not in used]
+        if idle and (wm or len(files) > 1):
+            raise self.fail("shards", f"shard(s) {idle[:5]} hold no tensor (only an archive without tensors "
+                                      f"has an empty shard, its only one)")
+        return ShardIndex(tasks, enc, thresholds, dict(meta), tuple(shards), dict(wm), version)
+
+
+def parse_index(raw: bytes, path: str = "<index>") -> ShardIndex:
+    """Check the checksum, parse and validate an index file's bytes; FormatError naming the field."""
+    if len(raw) > MAX_INDEX_BYTES:
+        raise LimitError(f"{path}: index is {len(raw)} bytes, over the {MAX_INDEX_BYTES}-byte limit")
+    m = _CHECKSUM_TAIL.search(raw)
+    if m is None:
+        raise FormatError(f"{path}: index checksum: the file does not end with '\"checksum\": \"<16 hex "
+                          f"digits>\"}}' (truncated, or not a tallfmt index)")
+    if xxhash.xxh3_64_hexdigest(raw[:m.start()]) != m.group(1).decode():
+        raise ChecksumError(f"{path}: index checksum mismatch (the file is damaged or was edited)")
+    obj, strict = load_json_object(raw, path, "index", INDEX_MINOR)
+    return IndexChecker(path, strict).index(obj)
+
+
+def read_header_xxh3(path: str | os.PathLike) -> str:
+    """A .tall file's header checksum from its preamble (bytes 32..40), as 16 hex digits.
+
+    ContainerReader checks it against the header on open, so this identifies the header cheaply.
+    """
+    with open(path, "rb") as f:
+        pre = f.read(PREAMBLE_SIZE)
+    if len(pre) < 40:
+        raise FormatError(f"{path}: shorter than the {PREAMBLE_SIZE}-byte preamble")
+    return f"{struct.unpack_from('<Q', pre, 32)[0]:016x}"

@@ -1,0 +1,10 @@
+"""numba kernels: mask bits (:mod:`~tallfmt.kernels.bits`), the fused decode
+(:mod:`~tallfmt.kernels.decode`) and the encode-time kernels (:mod:`~tallfmt.kernels.encode`)."""
+
+from tallfmt.kernels.bits import add_bits, pack_bits, pack_bits_into, padding_ok, popcount, unpack_bits
+from tallfmt.kernels.core import DECODE_DTYPES
+from tallfmt.kernels.decode import decode_masked
+from tallfmt.kernels.encode import mask_stats
+
+__all__ = ["pack_bits", "pack_bits_into", "unpack_bits", "padding_ok", "popcount", "add_bits", "decode_masked",
+           "mask_stats", "DECODE_DTYPES"]

@@ -1,0 +1,171 @@
+"""encode()'s options: every default is defined here, once, and checked here (InputError naming the
+bad one). The CLI takes its defaults and choices from this module and the registries."""
+
+from __future__ import annotations
+
+import math
+import numbers
+import struct
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from tallfmt.errors import InputError
+from tallfmt.format import codecs
+from tallfmt.format.header import MASK_METHODS, MAX_NAME_BYTES, MAX_TASKS, MERGE_METHODS
+
+#: Tensors stored per task (verbatim) when they differ, even if float: batch-norm statistics are not
+#: weights, and θ0 + Σ_t of their changes can be meaningless (a negative variance).
+DEFAULT_PER_TASK = ("*running_mean", "*running_var", "*num_batches_tracked")
+TIES_AGGS = ("sum", "mean")
+SCOPES = ("global", "per_tensor")
+MISMATCH = ("error", "per_task")
+
+
+@dataclass(frozen=True)
+class EncodeOptions:
+    """Every encode() option that decides what the archive holds, with its default.
+
+    ``EncodeOptions()`` is the defaults; :meth:`check` validates keyword arguments against them and
+    returns the normalised options (λ per task, metadata as a dict), a picklable value that sharded
+    encodes ship to their workers.
+
+        >>> EncodeOptions.check(["a"], merge="ties").encoding()["merge"]
+        {'method': 'ties', 'density': 0.2, 'agg': 'sum', 'scope': 'global'}
+    """
+
+    merge: str = "task_arithmetic"          # how τ_MTL is made: task_arithmetic or ties
+    lambdas: Any = 0.4                      # TALL λ: one number, or {task: number}
+    ties_density: float = 0.2               # TIES: fraction of |τ_t| kept per task
+    ties_agg: str = "sum"                   # TIES: disjoint sum (the paper's masks) or mean
+    ties_scope: str = "global"              # TIES: trim over all masked parameters or per tensor
+    mask_method: str = "tall"               # tall (eq. 5) or magnitude (the paper's baseline)
+    mask_density: float = 0.1               # magnitude masks: fraction of |τ_t| kept per task
+    mask_scope: str = "global"              # magnitude masks: over all masked parameters or per tensor
+    codec: str = codecs.AUTO                # segment codec id, or auto
+    device: str | None = None               # torch device of the mask math (None: cpu)
+    mismatch: str = "error"                 # tensors that differ in presence/dtype/shape: error or per_task
+    per_task: tuple[str, ...] = DEFAULT_PER_TASK  # float tensors named like these stay verbatim per task
+    metadata: Mapping[str, str] | None = None     # free string → string metadata
+    chunk_size: int = 1 << 20               # elements per chunk of mask math
+    tasks: tuple[str, ...] = field(default=(), repr=False)  # filled by check()
+
+    @classmethod
+    def check(cls, task_names: Sequence[str], **kwargs: Any) -> EncodeOptions:
+        """Validate encode()'s keyword arguments (unknown ones are a TypeError, as for a function)."""
+        unknown = set(kwargs) - {f for f in cls.__dataclass_fields__ if f != "tasks"}
+        if unknown:
+            raise TypeError(f"encode() got unexpected keyword argument(s) {sorted(unknown)}")
+        o = replace(cls(), **kwargs)
+        names = check_task_names(task_names)
+        _choice("merge", o.merge, MERGE_METHODS)
+        _choice("mask_method", o.mask_method, MASK_METHODS)
+        _choice("ties_agg", o.ties_agg, TIES_AGGS)
+        _choice("ties_scope", o.ties_scope, SCOPES)
+        _choice("mask_scope", o.mask_scope, SCOPES)
+        _choice("mismatch", o.mismatch, MISMATCH)
+        _choice("codec", o.codec, tuple(codecs.choices()))
+        if isinstance(o.chunk_size, bool) or not isinstance(o.chunk_size, int) or o.chunk_size < 8:
+            raise InputError(f"chunk_size must be an integer >= 8, got {o.chunk_size!r}")
+        meta = dict(o.metadata or {})
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+            raise InputError("metadata must map strings to strings")
+        if isinstance(o.per_task, str) or not all(isinstance(p, str) for p in o.per_task):
+            raise InputError(f"per_task must be a sequence of name patterns (strings), got {o.per_task!r}")
+        return replace(o, tasks=names, ties_density=_fraction("ties_density", o.ties_density),
+                       mask_density=_fraction("mask_density", o.mask_density),
+                       lambdas=_lambdas(o.lambdas, names) if o.mask_method == "tall" else {},
+                       device=_device(o.device), metadata=meta, per_task=tuple(o.per_task),
+                       chunk_size=o.chunk_size // 8 * 8)
+
+    @property
+    def global_ties(self) -> bool:
+        """TIES trim with one threshold per task over all masked tensors (needs a data pass first)."""
+        return self.merge == "ties" and self.ties_scope == "global"
+
+    @property
+    def global_magnitude(self) -> bool:
+        """Magnitude masks with one threshold per task over all masked tensors."""
+        return self.mask_method == "magnitude" and self.mask_scope == "global"
+
+    def global_steps(self) -> list[tuple[str, float]]:
+        """(step, density) of each selection that needs thresholds over all masked tensors, in the
+        index's order: "ties", then "magnitude"."""
+        return ([("ties", self.ties_density)] if self.global_ties else []) + (
+            [("magnitude", self.mask_density)] if self.global_magnitude else [])
+
+    def encoding(self) -> dict[str, Any]:
+        """The header's ``encoding`` object (FORMAT.md §1.2)."""
+        encoding: dict[str, Any] = {"merge": {"method": self.merge}, "mask": {"method": self.mask_method},
+                                    "compute_dtype": "F32", "bit_order": "little"}
+        if self.merge == "ties":
+            encoding["merge"].update(density=self.ties_density, agg=self.ties_agg, scope=self.ties_scope)
+        if self.mask_method == "magnitude":
+            encoding["mask"].update(density=self.mask_density, scope=self.mask_scope)
+        return encoding
+
+
+DEFAULTS = EncodeOptions()
+
+
+def check_task_names(task_names: Sequence[str]) -> tuple[str, ...]:
+    """Task names as a tuple: 1..4096 unique non-empty strings of at most 4096 UTF-8 bytes."""
+    names = tuple(task_names)
+    if not names:
+        raise InputError("tasks must be a non-empty mapping {task name: checkpoint}")
+    if len(names) > MAX_TASKS:
+        raise InputError(f"{len(names)} tasks is over the limit of {MAX_TASKS}")
+    for t in names:
+        if not isinstance(t, str) or not t or len(t.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
+            raise InputError(f"task names must be non-empty strings of at most {MAX_NAME_BYTES} bytes, got {t!r}")
+    return names
+
+
+def _choice(name: str, v: Any, choices: tuple[str, ...]) -> str:
+    if v not in choices:
+        raise InputError(f"{name} must be one of {list(choices)}, got {v!r}")
+    return v
+
+
+def _fraction(name: str, v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0 <= v <= 1:
+        raise InputError(f"{name} must be a number in [0, 1], got {v!r}")
+    return float(v)
+
+
+def _fits_float32(v: float) -> bool:
+    # the masks use float32(λ) (FORMAT.md §4.3); a λ that rounds to inf must be refused up front, by name
+    try:
+        struct.pack("<f", v)
+    except OverflowError:
+        return False
+    return True
+
+
+def _lambdas(lambdas: Any, tasks: tuple[str, ...]) -> dict[str, float]:
+    if isinstance(lambdas, Mapping):
+        unknown = set(lambdas) - set(tasks)
+        if unknown:
+            raise InputError(f"lambdas name unknown task(s) {sorted(unknown)}")
+        missing = [t for t in tasks if t not in lambdas]
+        if missing:
+            raise InputError(f"lambdas has no value for task(s) {missing}")
+        out = {t: lambdas[t] for t in tasks}
+    else:
+        out = {t: lambdas for t in tasks}
+    for t, v in out.items():
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or v <= 0 \
+                or not _fits_float32(v):
+            raise InputError(f"lambda for task {t!r} must be a finite number > 0 that fits in float32, got {v!r}")
+    return {t: float(v) for t, v in out.items()}
+
+
+def _device(device: Any) -> str:
+    if device is None:
+        return "cpu"
+    import torch
+
+    try:
+        return str(torch.device(device))
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise InputError(f"device {device!r} is not a torch device ({exc})") from None

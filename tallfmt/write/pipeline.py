@@ -1,0 +1,245 @@
+"""encode(): one pipeline for every archive — a single .tall file is the one-shard case of a sharded
+archive (FORMAT.md §9), written without an index.
+
+1. Plan on the driver from metadata alone (names, dtypes, shapes, tied storage), and split the plans
+   into shards (one for a single file).
+2. Global selections (TIES global trim, global magnitude masks) as map/reduce over shards: each shard
+   returns its tensors' roles, then its |τ_t| histograms, which add up to the exact thresholds.
+3. Each shard is encoded by a runner (this process, or a Dask cluster) into its file.
+4. Sharded archives only: commit — shards into place, stale shards out, the index written last.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tallfmt.compute import maskmath
+from tallfmt.errors import InputError
+from tallfmt.format.atomic import write_atomic
+from tallfmt.format.header import TaskEntry
+from tallfmt.format.index import INDEX_NAME, MAX_SHARDS, SHARD_RE, ShardIndex, ShardInfo, shard_name
+from tallfmt.write import thresholds as th
+from tallfmt.write.inputs import open_inputs
+from tallfmt.write.options import DEFAULTS, EncodeOptions
+from tallfmt.write.plan import group_into_shards, plan_metadata, stored_bytes
+from tallfmt.write.report import EncodeReport, RoleSummary
+from tallfmt.write.runners import Runner, portable_source, runner_for
+from tallfmt.write.shard import ShardJob, ShardResult, encode_shard, shard_histograms, shard_roles
+
+#: progress(advance, total): bytes of input processed since the last call, and the total over all passes.
+ProgressFn = Callable[[int, int], None]
+
+
+def encode(base: Any, tasks: Mapping[str, Any], path: str | os.PathLike, *, merge: str = DEFAULTS.merge,
+           lambdas: float | Mapping[str, float] = DEFAULTS.lambdas, ties_density: float = DEFAULTS.ties_density,
+           ties_agg: str = DEFAULTS.ties_agg, ties_scope: str = DEFAULTS.ties_scope,
+           mask_method: str = DEFAULTS.mask_method, mask_density: float = DEFAULTS.mask_density,
+           mask_scope: str = DEFAULTS.mask_scope, codec: str = DEFAULTS.codec,
+           device: str | torch.device | None = DEFAULTS.device, mismatch: str = DEFAULTS.mismatch,
+           per_task: Any = DEFAULTS.per_task, metadata: Mapping[str, str] | None = DEFAULTS.metadata,
+           chunk_size: int = DEFAULTS.chunk_size, overwrite: bool = True, progress: ProgressFn | None = None,
+           shards: int | None = None, max_shard_size: int | None = None, scheduler: Any = None,
+           retries: int = 3, threads: int | None = None) -> EncodeReport:
+    """Encode θ0 and T fine-tunes of it into one .tall archive at ``path``.
+
+    ``base`` and each task source: a .safetensors file, a HF folder (model.safetensors or a sharded
+    index), a .bin/.pt file (loaded with weights_only=True) or a ``{name: tensor}`` mapping.
+    ``merge`` makes τ_MTL: "task_arithmetic" (Σ τ_t) or "ties" (``ties_density``, ``ties_agg``,
+    ``ties_scope``). ``mask_method`` "tall" (eq. 5 with ``lambdas``) or "magnitude" (top
+    ``mask_density`` of |τ_t|). ``mismatch="per_task"`` stores tensors whose presence, dtype or shape
+    differ between checkpoints per task instead of refusing them. Float tensors whose names match a
+    glob in ``per_task`` (default: batch-norm running statistics) are stored verbatim per task when
+    they differ. ``progress(advance, total)`` is told the input bytes processed. ``threads``: torch
+    intra-op threads for the mask math while encoding (restored afterwards; None keeps torch's).
+
+    ``shards=N`` or ``max_shard_size=BYTES`` make ``path`` a folder of shard files plus
+    ``tall.index.json`` (FORMAT.md §9); ``scheduler`` (a ``dask.distributed.Client`` or a scheduler
+    address) runs the per-shard work on a Dask cluster, retrying a failed task up to ``retries``
+    times. The decoded models are the same bit for bit.
+
+        >>> report = encode("base.safetensors", {"a": "a.safetensors", "b": "b.safetensors"},
+        ...                 "zoo.tall", lambdas={"a": 0.3, "b": 0.5})                    # doctest: +SKIP
+        >>> print(report.ratio)                                                          # doctest: +SKIP
+        >>> encode("base.safetensors", {"a": "a.safetensors"}, "zoo/", shards=4)         # doctest: +SKIP
+    """
+    t0 = time.perf_counter()
+    if not isinstance(tasks, Mapping) or not tasks:
+        raise InputError("tasks must be a non-empty mapping {task name: checkpoint}")
+    opts = EncodeOptions.check(list(tasks), merge=merge, lambdas=lambdas, ties_density=ties_density,
+                               ties_agg=ties_agg, ties_scope=ties_scope, mask_method=mask_method,
+                               mask_density=mask_density, mask_scope=mask_scope, codec=codec, device=device,
+                               mismatch=mismatch, per_task=per_task, metadata=metadata, chunk_size=chunk_size)
+    sharded = shards is not None or max_shard_size is not None or scheduler is not None
+    if shards is not None and max_shard_size is not None:
+        raise InputError("pass shards= or max_shard_size=, not both")
+    if shards is not None:
+        _check_count("shards", shards, 1, MAX_SHARDS)
+    if max_shard_size is not None:
+        _check_count("max_shard_size", max_shard_size, 1)
+    _check_count("retries", retries, 0)
+    if threads is not None:
+        _check_count("threads", threads, 1)
+    out = Path(path)
+    if sharded:
+        if out.exists() and not out.is_dir():
+            raise InputError(f"{out}: exists and is not a folder (a sharded archive is a folder)")
+        if not overwrite and (out / INDEX_NAME).exists():
+            raise InputError(f"{out / INDEX_NAME}: already exists (pass overwrite=True / --force to replace it)")
+    elif not overwrite and out.exists():  # before any input is read
+        raise InputError(f"{out}: already exists (pass overwrite=True / --force to replace it)")
+    remote = scheduler is not None  # in-memory sources are refused before any cluster is contacted
+    base_src = portable_source(base, "base", remote)
+    task_srcs = tuple((t, portable_source(tasks[t], f"task {t!r}", remote)) for t in tasks)
+    run = uuid.uuid4().hex[:12]
+    with _torch_threads(threads):
+        runner = runner_for(scheduler, retries, run)
+        try:
+            return _drive(runner, base_src, task_srcs, out, opts, sharded, shards, max_shard_size, run, overwrite,
+                          progress, t0)
+        finally:
+            runner.close()
+            if sharded and out.is_dir():
+                # our temporary shards after a failure; after a success, what a killed worker left half written
+                for p in out.glob(f".*{run}*"):
+                    p.unlink(missing_ok=True)
+
+
+def _check_count(name: str, v: Any, lo: int, hi: int | None = None) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo or (hi is not None and v > hi):
+        raise InputError(f"{name} must be an integer in [{lo}, {hi if hi is not None else '∞'}], got {v!r}")
+    return v
+
+
+@contextmanager
+def _torch_threads(n: int | None) -> Iterator[None]:
+    if n is None or n == torch.get_num_threads():
+        yield
+        return
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+class _Meter:
+    """Progress over all passes: in this process every tensor reports, on a cluster every shard."""
+
+    def __init__(self, fn: ProgressFn | None, total: int, runner: Runner, job_bytes: list[int]) -> None:
+        self.fn, self.total, self.job_bytes = fn, total, job_bytes
+        self.local = not runner.remote and fn is not None
+
+    def advance(self, n: int) -> None:
+        if self.fn is not None:
+            self.fn(n, self.total)
+
+    @property
+    def per_tensor(self) -> Callable[[int], None] | None:
+        """What the shard functions get: advance() in this process, None on a cluster."""
+        return self.advance if self.local else None
+
+    def shard_done(self, i: int, _: Any) -> None:
+        if self.fn is not None and not self.local:
+            self.advance(self.job_bytes[i])
+
+
+def _drive(runner: Runner, base_src: Any, task_srcs: tuple[tuple[str, Any], ...], out: Path, opts: EncodeOptions,
+           sharded: bool, shards: int | None, max_shard_size: int | None, run: str, overwrite: bool,
+           progress: ProgressFn | None, t0: float) -> EncodeReport:
+    # 1. plan on the driver, from metadata only
+    with open_inputs(base_src, task_srcs) as inputs:
+        plans = plan_metadata(inputs, opts.mismatch)
+        sizes = [stored_bytes(inputs, p) for p in plans]
+        tensor_bytes = {p.name: inputs.tensor_bytes(p.name) for p in plans}
+    input_bytes = sum(tensor_bytes.values())
+    if sharded:
+        if shards is None and max_shard_size is None:
+            shards = runner.workers()
+        groups = group_into_shards(plans, sizes, shards=shards, max_shard_size=max_shard_size)
+    else:
+        groups = [plans]
+    jobs = [ShardJob(base_src, task_srcs, opts, tuple(g)) for g in groups]
+    passes = 4 if opts.global_steps() else 1
+    meter = _Meter(progress, input_bytes * passes, runner, [sum(tensor_bytes[p.name] for p in g) for g in groups])
+
+    # 2. global thresholds: roles, then the two histogram passes, each a map over shards + a reduce
+    jobs, thresholds, index_thresholds = _global_thresholds(runner, jobs, opts, meter)
+
+    # 3. encode every shard: the single file straight to its path, shards to temporary names
+    if not sharded:
+        r = runner.map("encode", encode_shard, [(jobs[0], thresholds, out, overwrite, meter.per_tensor)],
+                       meter.shard_done)[0]
+        return EncodeReport(Path(r.path), list(opts.tasks), r.summary.roles, r.summary.role_bytes, r.summary.params,
+                            input_bytes, r.size, {t.name: t.stats for t in _task_entries(opts, r.stats)},
+                            time.perf_counter() - t0)
+    out.mkdir(parents=True, exist_ok=True)
+    names = [shard_name(i + 1, len(jobs)) for i in range(len(jobs))]
+    tmps = [str(out / f".{n}.{run}.part") for n in names]
+    results: list[ShardResult] = runner.map(
+        "encode", encode_shard, [(j, thresholds, t, True, meter.per_tensor) for j, t in zip(jobs, tmps)],
+        meter.shard_done)
+
+    # 4. commit: no index while shards are replaced, shards into place, stale shards out, index last
+    index_path = out / INDEX_NAME
+    index_path.unlink(missing_ok=True)
+    for r, n in zip(results, names):
+        os.replace(r.path, out / n)
+    for p in out.iterdir():
+        if SHARD_RE.fullmatch(p.name) and p.name not in names:
+            p.unlink(missing_ok=True)
+    stats = [maskmath.TaskStats() for _ in opts.tasks]
+    summary = RoleSummary({}, {}, {})
+    for r in results:
+        for mine, theirs in zip(stats, r.stats):
+            mine.merge(theirs)
+        summary.add(r.summary)
+    task_entries = _task_entries(opts, stats)
+    where = {p.name: n for n, j in zip(names, jobs) for p in j.plans}
+    index = ShardIndex(task_entries, opts.encoding(), index_thresholds, dict(opts.metadata),
+                       tuple(ShardInfo(n, r.size, r.header_xxh3) for n, r in zip(names, results)),
+                       {p.name: where[p.name] for p in plans})
+    raw = index.to_bytes()
+    write_atomic(index_path, raw)
+    return EncodeReport(out, list(opts.tasks), summary.roles, summary.role_bytes, summary.params, input_bytes,
+                        sum(r.size for r in results) + len(raw), {t.name: t.stats for t in task_entries},
+                        time.perf_counter() - t0)
+
+
+def _task_entries(opts: EncodeOptions, stats: list[maskmath.TaskStats]) -> tuple[TaskEntry, ...]:
+    return tuple(TaskEntry(t, opts.lambdas.get(t), stats[i].result()) for i, t in enumerate(opts.tasks))
+
+
+def _global_thresholds(runner: Runner, jobs: list[ShardJob], opts: EncodeOptions, meter: _Meter
+                       ) -> tuple[list[ShardJob], dict[str, torch.Tensor | None], dict[str, tuple | None]]:
+    """Decide every role, then the exact global thresholds (FORMAT.md §9.5 step 2). Returns the jobs
+    with their roles decided, {step: thresholds tensor} for the encoders and the index's values."""
+    index_values: dict[str, tuple | None] = {"ties": None, "magnitude": None}
+    thresholds: dict[str, torch.Tensor | None] = {"ties": None, "magnitude": None}
+    steps = opts.global_steps()
+    if not steps:
+        return jobs, thresholds, index_values
+    roles = runner.map("roles", shard_roles, [(j, meter.per_tensor) for j in jobs], meter.shard_done)
+    jobs = [replace(j, plans=tuple(p.with_role(r) for p, r in zip(j.plans, rs))) for j, rs in zip(jobs, roles)]
+    total = th.total_params([p for j in jobs for p in j.plans])
+    # histograms travel and add up on the CPU; counts are integers, so the sum is exact
+    sels = th.new_selections([d for _, d in steps], total, len(opts.tasks), "cpu")
+    for method, finish in th.PASSES:
+        forks = th.fork(sels)
+        for part in runner.map(method, shard_histograms, [(j, forks, method, meter.per_tensor) for j in jobs],
+                               meter.shard_done):
+            th.merge_into(sels, part)
+        th.finish(sels, finish)
+    for (step, _), sel in zip(steps, sels):
+        index_values[step] = th.as_index_values(sel)
+        thresholds[step] = th.as_tensor(sel, "cpu")
+    return jobs, thresholds, index_values
