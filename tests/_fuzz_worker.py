@@ -123,9 +123,9 @@ def build_archives(folder: str | Path, *, golden: bool = True) -> list[Path]:
 
 
 def tensor_digest(t: Any) -> tuple[str, tuple[int, ...], str]:
-    from tallfmt import dtypes
-    arr = dtypes.to_numpy(t)
-    return dtypes.from_torch(t.dtype).name, tuple(t.shape), hashlib.sha256(arr.tobytes()).hexdigest()[:20]
+    from tallfmt.compute.tensors import from_torch, to_numpy
+    arr = to_numpy(t)
+    return from_torch(t.dtype).name, tuple(t.shape), hashlib.sha256(arr.tobytes()).hexdigest()[:20]
 
 
 def state_digest(sd: dict) -> list[tuple[str, tuple[str, tuple[int, ...], str]]]:
@@ -432,7 +432,7 @@ def _tamper_json(rng: random.Random, h: dict, c: Corpus) -> str:
 
 
 def _fix_lengths(t: dict) -> None:
-    from tallfmt import dtypes
+    from tallfmt.format import dtypes
     shape, dt = t.get("shape"), t.get("dtype")
     if not isinstance(shape, list) or not all(type(d) is int for d in shape) or dt not in dtypes.DTYPES:
         return
@@ -484,7 +484,7 @@ def _index_body(raw: bytes) -> str:
 
 def _mutate_sharded(rng: random.Random, c: Corpus) -> tuple[dict[str, bytes], str, bool]:
     from tallfmt.errors import TallError
-    from tallfmt.sharded import seal_index
+    from tallfmt.format.index import seal_index
 
     if rng.random() < 0.5:
         name = rng.choice(sorted(c.shards))
@@ -649,7 +649,8 @@ def run_batch(spec: dict) -> dict:
             import ctypes
             ctypes.string_at(0)
         if selftest == "hang" and case == spec["start"] + 1:
-            time.sleep(3600)
+            while True:  # spins, as an endless loop in native code would
+                pass
         result, header = run_file(path)
         if selftest == "wrong" and "decode[0]" in result and result["decode[0]"][0] == "ok":
             result["decode[0]"] = ("ok", [("x", ("F32", (1,), "0"))])
@@ -682,16 +683,18 @@ def run_parallel(archives: list[Path], seed: int, cases: int, *, workdir: Path, 
                  timeout: float = 3600.0, stall: float = 60.0, selftests: list[str | None] | None = None,
                  start: int = 0, on_report: Callable[[dict], None] | None = None) -> dict:
     """Run cases [start, start + cases) in batches, `jobs` subprocesses at a time. A batch whose process
-    dies (signal, non-zero exit), runs past `timeout` seconds, or stays on one case for `stall` seconds
-    (a hang: a case takes milliseconds) becomes a failure naming its seed and case. ``selftests[i]`` is
-    given to batch i (cycling): "segfault", "hang" or "wrong" make the worker fail on purpose."""
+    dies (signal, non-zero exit), runs past `timeout` seconds, or spends `stall` seconds of CPU time on
+    one case (a hang: a case takes milliseconds) becomes a failure naming its seed and case. CPU time,
+    not wall time, so a busy machine slows the detection of a hang but never makes a slow case one; a
+    case blocked without using the CPU counts after 10 × `stall` seconds of wall time. ``selftests[i]``
+    is given to batch i (cycling): "segfault", "hang" or "wrong" make the worker fail on purpose."""
     import subprocess
 
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     pending = [(a, min(a + batch, start + cases)) for a in range(start, start + cases, batch)]
     tests = selftests or [None]
-    running: list[tuple[subprocess.Popen, dict, float, Path]] = []
+    running: list[tuple[subprocess.Popen, dict, float, Path, _Watch]] = []
     total = {"cases": 0, "failures": [], "outcomes": Counter(), "seconds": 0.0, "batches": 0}
     env = dict(os.environ, PYTHONHASHSEED="0", OMP_NUM_THREADS="1")
     while pending or running:
@@ -705,11 +708,11 @@ def run_parallel(archives: list[Path], seed: int, cases: int, *, workdir: Path, 
             out_path = workdir / f"batch{a}.out"
             proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), str(spec_path)],
                                     stdout=out_path.open("wb"), stderr=subprocess.STDOUT, env=env)
-            running.append((proc, spec, time.monotonic(), out_path))
+            running.append((proc, spec, time.monotonic(), out_path, _Watch(proc.pid, Path(spec["progress"]))))
         time.sleep(0.05)
         for item in list(running):
-            proc, spec, started, out_path = item
-            timed_out = time.monotonic() - started > timeout or _stalled(Path(spec["progress"]), stall)
+            proc, spec, started, out_path, watch = item
+            timed_out = time.monotonic() - started > timeout or watch.stalled(stall)
             if proc.poll() is None and not timed_out:
                 continue
             if timed_out and proc.poll() is None:
@@ -728,11 +731,36 @@ def run_parallel(archives: list[Path], seed: int, cases: int, *, workdir: Path, 
     return total
 
 
-def _stalled(progress: Path, stall: float) -> bool:
+def _cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a process (Linux /proc), None where that cannot be read."""
     try:
-        return time.time() - progress.stat().st_mtime > stall
-    except OSError:  # not started a case yet (imports, references)
-        return False
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class _Watch:
+    """How long a worker has been on its current case: CPU seconds, and wall seconds."""
+
+    def __init__(self, pid: int, progress: Path) -> None:
+        self.pid, self.progress = pid, progress
+        self.mark: float | None = None   # progress file mtime of the current case
+        self.cpu0 = self.wall0 = 0.0
+
+    def stalled(self, stall: float) -> bool:
+        try:
+            mtime = self.progress.stat().st_mtime
+        except OSError:  # not started a case yet (imports, references)
+            return False
+        cpu = _cpu_seconds(self.pid)
+        if mtime != self.mark:
+            self.mark, self.cpu0, self.wall0 = mtime, cpu or 0.0, time.monotonic()
+            return False
+        wall = time.monotonic() - self.wall0
+        if cpu is None:
+            return wall > stall
+        return cpu - self.cpu0 > stall or wall > 10 * stall
 
 
 def _collect(returncode: int, spec: dict, out_path: Path, timed_out: bool) -> dict:

@@ -87,4 +87,9 @@ def test_python_example_runs(tmp_path: Path, index: int) -> None:
     assert len(source.strip().splitlines()) <= 12, "the README's example should stay about 10 lines"
     proc = subprocess.run([sys.executable, "-c", source], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert "sst2" in proc.stdout and (tmp_path / "zoo.tall").exists()
+    # what the example prints is what the archive it wrote holds
+    import tallfmt
+
+    with tallfmt.open(tmp_path / "zoo.tall") as zoo:
+        assert proc.stdout.strip().splitlines()[-1] == f"{zoo.tasks} {zoo.agreement().tolist()}"
+        assert sum(zoo.agreement().tolist()) == sum(e.numel for e in zoo.header.tensors if e.role == "masked") > 0
