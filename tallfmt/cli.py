@@ -198,6 +198,7 @@ def cli(ctx: click.Context, debug: bool, quiet: bool) -> None:
     ARCHIVE is a .tall file, or the folder (or tall.index.json) of a sharded archive.
     """
     ctx.obj = _Settings(quiet=quiet, debug=debug)
+    load_plugins()
 
 
 def task_name_of(source: str) -> str:

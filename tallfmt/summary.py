@@ -89,6 +89,7 @@ def summary(zoo: Archive) -> dict[str, Any]:
         "params": {"masked": p_masked, "shared": p_shared, "per_task": roles["per_task"]["params"],
                    "total": params},
         "bytes": sizes,
+        "codecs": part_codecs(zoo),
         "bits_per_param": 8 * total / params if params else None,
         "raw_collection": {"bytes": raw, "bits_per_param": 8 * raw / params if params else None,
                            "ratio": raw / total if total else None},
@@ -97,6 +98,19 @@ def summary(zoo: Archive) -> dict[str, Any]:
                           "ratio": paper / total if total else None},
         "metadata": dict(header.metadata),
     }
+
+
+def part_codecs(zoo: Archive) -> dict[str, list[str]]:
+    """The segment codecs each stored part uses (θ0, τ_MTL, masks, shared and per-task tensors)."""
+    found: dict[str, set[str]] = {k: set() for k in ("theta0", "tau", "masks", "shared", "per_task")}
+    for e in zoo.header.tensors:
+        if e.role == "masked":
+            found["theta0"].add(e.base.codec)
+            found["tau"].add(e.tau.codec)
+            found["masks"].update(m.codec for m in e.masks)
+        elif e.role in ("shared", "per_task"):
+            found[e.role].update(s.codec for s in e.segments())
+    return {k: sorted(v) for k, v in found.items()}
 
 
 _PART_LABELS = (("theta0", "θ0 (masked tensors)"), ("tau", "τ_MTL"), ("masks", "masks"),
@@ -129,11 +143,11 @@ def format_summary(s: dict[str, Any]) -> str:
              for r, v in s["roles"].items()]
     out += text_table(rows, "lrr")
     out.append("")
-    rows = [["stored part", "bytes", "share"]]
-    rows += [[label, human_bytes(s["bytes"][k]), pct(s["bytes"][k] / total if total else None)]
-             for k, label in _PART_LABELS]
-    rows.append(["total", human_bytes(total), ""])
-    out += text_table(rows, "lrr")
+    rows = [["stored part", "bytes", "share", "codec"]]
+    rows += [[label, human_bytes(s["bytes"][k]), pct(s["bytes"][k] / total if total else None),
+              ", ".join(s["codecs"].get(k, []))] for k, label in _PART_LABELS]
+    rows.append(["total", human_bytes(total), "", ""])
+    out += text_table(rows, "lrrl")
     out.append("")
     raw, paper = s["raw_collection"], s["paper_formula"]
     if s["bits_per_param"] is not None:

@@ -926,3 +926,45 @@ def test_relative_path_in_current_folder(tmp_path: Path, monkeypatch: pytest.Mon
     with ContainerReader("rel.tall") as r:
         r.verify()
     assert os.listdir(tmp_path) == ["rel.tall"]
+
+
+def test_every_written_file_gets_the_usual_mode_and_no_temporary_file(tmp_path: Path) -> None:
+    """One atomic writer (FORMAT.md §8): archives, shards, the index, decoded and merged safetensors
+    files and folders all get 0666 & ~umask, and no temporary file stays behind."""
+    import os
+
+    import torch
+
+    import tallfmt
+    from tallfmt.format.atomic import umask
+
+    base = {"w": torch.zeros(6, 5), "b": torch.zeros(3)}
+    tasks = {t: {"w": torch.randn(6, 5), "b": torch.randn(3)} for t in ("x", "y")}
+    tallfmt.encode(base, tasks, tmp_path / "one.tall")
+    tallfmt.encode(base, tasks, tmp_path / "many", shards=2)
+    with tallfmt.open(tmp_path / "one.tall") as zoo:
+        zoo.decode_to("x", tmp_path / "x.safetensors")
+        zoo.decode_to("y", tmp_path / "y-folder", max_shard_size=64)
+        zoo.merge_to(tmp_path / "m.safetensors")
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert len(files) >= 8 and not [p for p in files if p.name.startswith(".")]
+    want = 0o666 & ~umask()
+    assert {p.name: os.stat(p).st_mode & 0o777 for p in files} == {p.name: want for p in files}
+
+
+def test_a_later_write_removes_the_temporary_files_of_dead_writers(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from tallfmt.format.atomic import write_atomic
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    stale = tmp_path / f".x.bin.{dead}-0123456789ab.tmp"           # its writer exited: removed
+    alive = tmp_path / f".x.bin.{os.getppid()}-0123456789ab.tmp"   # a live process: kept
+    other = tmp_path / f".y.bin.{dead}-0123456789ab.tmp"           # another target: kept
+    for p in (stale, alive, other):
+        p.write_bytes(b"half written")
+    write_atomic(tmp_path / "x.bin", b"new")
+    assert not stale.exists() and alive.exists() and other.exists()
+    assert (tmp_path / "x.bin").read_bytes() == b"new"
