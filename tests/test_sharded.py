@@ -501,10 +501,10 @@ def _kill_on_third_segment(marker: str) -> None:
     """Runs in each worker: the first worker to write its third segment creates ``marker`` and dies."""
     from tallfmt.format.container import ContainerWriter
 
-    original = ContainerWriter.write_segment
+    original = ContainerWriter.write_stored
     count = [0]
 
-    def write_segment(self: Any, *args: Any, **kwargs: Any) -> Any:
+    def write_stored(self: Any, *args: Any, **kwargs: Any) -> Any:
         count[0] += 1
         if count[0] == 3:
             try:
@@ -515,7 +515,7 @@ def _kill_on_third_segment(marker: str) -> None:
                 os._exit(1)  # the worker process dies mid-encode, its shard half written
         return original(self, *args, **kwargs)
 
-    ContainerWriter.write_segment = write_segment
+    ContainerWriter.write_stored = write_stored
 
 
 def test_killed_worker_is_retried_and_the_result_is_identical(client: Any, zoo: tuple[str, dict[str, str]],

@@ -217,13 +217,17 @@ class BytePlaneZstdCodec:
         self.level = level
 
     def encode(self, buf: Buffer, itemsize: int) -> bytes:
+        return b"".join(self.encode_parts(buf, itemsize))
+
+    def encode_parts(self, buf: Buffer, itemsize: int) -> list[bytes]:
+        """The stored bytes as the length table and the plane frames, not joined (no copy)."""
         from tallfmt.format.planes import split_planes
 
         view = np.frombuffer(as_bytes(buf), dtype=np.uint8)
         if itemsize < 1 or len(view) % itemsize:
             raise InputError(f"byteplane-zstd: {len(view)} bytes is not a whole number of {itemsize}-byte items")
         frames = [zstd_compress(p, self.level) for p in split_planes(view, itemsize)]
-        return struct.pack(f"<{itemsize}Q", *map(len, frames)) + b"".join(frames)
+        return [struct.pack(f"<{itemsize}Q", *map(len, frames)), *frames]
 
     def frames(self, buf: Buffer, decoded_length: int, itemsize: int) -> list[memoryview]:
         """The plane frames of a stored segment, after checking the table and every frame's header."""
@@ -284,6 +288,14 @@ def get_codec(codec_id: str) -> Codec:
         return CODECS[codec_id]
     except (KeyError, TypeError):
         raise InputError(f"unknown codec {codec_id!r}; known: {sorted(CODECS)}") from None
+
+
+def encode_parts(codec_id: str, buf: Buffer, itemsize: int) -> list[Buffer]:
+    """A segment's stored bytes as a list of buffers whose concatenation is ``encode()``'s result: a
+    codec that builds its output from pieces may offer ``encode_parts`` so nobody copies them together."""
+    codec = get_codec(codec_id)
+    parts = getattr(codec, "encode_parts", None)
+    return list(parts(buf, itemsize)) if parts is not None else [codec.encode(buf, itemsize)]
 
 
 def choose(codec: str, itemsize: int) -> str:

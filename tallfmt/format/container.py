@@ -19,6 +19,7 @@ import mmap
 import os
 import stat
 import struct
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -208,12 +209,17 @@ class ContainerWriter:
         decoded = as_bytes(data)
         return self.write_stored(get_codec(codec).encode(decoded, itemsize), len(decoded), codec)
 
-    def write_stored(self, stored: Buffer, decoded_length: int, codec: str) -> Segment:
-        """Append already-encoded bytes (e.g. compressed by another thread, or copied from an archive)."""
+    def write_stored(self, stored: Buffer | Sequence[Buffer], decoded_length: int, codec: str) -> Segment:
+        """Append already-encoded bytes (e.g. compressed by another thread, or copied from an archive),
+        one buffer or the pieces of one (see ``codecs.encode_parts``), without joining them."""
         self._pad()
-        view = as_bytes(stored)
-        seg = Segment(self._pos, len(view), decoded_length, codec, checksum(view))
-        self._write(view)
+        parts = [as_bytes(p) for p in stored] if isinstance(stored, (list, tuple)) else [as_bytes(stored)]
+        digest = xxhash.xxh3_64()
+        for p in parts:
+            digest.update(p)
+        seg = Segment(self._pos, sum(len(p) for p in parts), decoded_length, codec, digest.hexdigest())
+        for p in parts:
+            self._write(p)
         return seg
 
     def finish(self, header: Header) -> Path:

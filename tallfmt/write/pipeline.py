@@ -58,8 +58,9 @@ def encode(base: Any, tasks: Mapping[str, Any], path: str | os.PathLike, *, merg
     ``mask_density`` of |τ_t|). ``mismatch="per_task"`` stores tensors whose presence, dtype or shape
     differ between checkpoints per task instead of refusing them. Float tensors whose names match a
     glob in ``per_task`` (default: batch-norm running statistics) are stored verbatim per task when
-    they differ. ``progress(advance, total)`` is told the input bytes processed. ``threads``: torch
-    intra-op threads for the mask math while encoding (restored afterwards; None keeps torch's).
+    they differ. ``progress(advance, total)`` is told the input bytes processed. ``threads``: at most
+    this many tensors are encoded and compressed at once (default: one per core; the threads block,
+    never spin, so the default suits a busy machine too; 1 runs everything in the calling thread).
 
     ``shards=N`` or ``max_shard_size=BYTES`` make ``path`` a folder of shard files plus
     ``tall.index.json`` (FORMAT.md §9); ``scheduler`` (a ``dask.distributed.Client`` or a scheduler
@@ -96,15 +97,18 @@ def encode(base: Any, tasks: Mapping[str, Any], path: str | os.PathLike, *, merg
             raise InputError(f"{out / INDEX_NAME}: already exists (pass overwrite=True / --force to replace it)")
     elif not overwrite and out.exists():  # before any input is read
         raise InputError(f"{out}: already exists (pass overwrite=True / --force to replace it)")
+    if threads is None:
+        threads = os.cpu_count() or 1
     remote = scheduler is not None  # in-memory sources are refused before any cluster is contacted
     base_src = portable_source(base, "base", remote)
     task_srcs = tuple((t, portable_source(tasks[t], f"task {t!r}", remote)) for t in tasks)
     run = uuid.uuid4().hex[:12]
-    with _torch_threads(threads):
+    # our own pool does the parallel work: torch's intra-op threads would only spin on chunk-sized copies
+    with _torch_threads(1):
         runner = runner_for(scheduler, retries, run)
         try:
             return _drive(runner, base_src, task_srcs, out, opts, sharded, shards, max_shard_size, run, overwrite,
-                          progress, t0)
+                          progress, 1 if remote else threads, t0)
         finally:
             runner.close()
             if sharded and out.is_dir():
@@ -155,7 +159,7 @@ class _Meter:
 
 def _drive(runner: Runner, base_src: Any, task_srcs: tuple[tuple[str, Any], ...], out: Path, opts: EncodeOptions,
            sharded: bool, shards: int | None, max_shard_size: int | None, run: str, overwrite: bool,
-           progress: ProgressFn | None, t0: float) -> EncodeReport:
+           progress: ProgressFn | None, threads: int, t0: float) -> EncodeReport:
     # 1. plan on the driver, from metadata only
     with open_inputs(base_src, task_srcs) as inputs:
         plans = plan_metadata(inputs, opts.mismatch)
@@ -168,7 +172,7 @@ def _drive(runner: Runner, base_src: Any, task_srcs: tuple[tuple[str, Any], ...]
         groups = group_into_shards(plans, sizes, shards=shards, max_shard_size=max_shard_size)
     else:
         groups = [plans]
-    jobs = [ShardJob(base_src, task_srcs, opts, tuple(g)) for g in groups]
+    jobs = [ShardJob(base_src, task_srcs, opts, tuple(g), threads) for g in groups]
     passes = 4 if opts.global_steps() else 1
     meter = _Meter(progress, input_bytes * passes, runner, [sum(tensor_bytes[p.name] for p in g) for g in groups])
 

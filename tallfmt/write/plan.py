@@ -9,13 +9,14 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-import torch
+import numpy as np
 
+from tallfmt.compute.tensors import to_numpy
 from tallfmt.errors import InputError
 from tallfmt.format.dtypes import MASKABLE, by_name
 from tallfmt.format.header import MAX_NAME_BYTES
 from tallfmt.format.planner import plan_shards
-from tallfmt.write.inputs import Inputs
+from tallfmt.write.inputs import Inputs, flat
 
 #: Roles a plan can hold: the four of the format, and ``common`` — same dtype and shape everywhere,
 #: not tied: masked, shared or per_task once its bytes have been compared.
@@ -105,18 +106,11 @@ def _find_aliases(plans: list[TensorPlan], inputs: Inputs) -> list[TensorPlan]:
     return out
 
 
-def _equal_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
-    a, b = a.contiguous().reshape(-1), b.contiguous().reshape(-1)
-    if a.numel() == 0:
-        return b.numel() == 0
-    return torch.equal(a.view(torch.uint8), b.view(torch.uint8))
-
-
 def decide_role(inputs: Inputs, plan: TensorPlan, per_task_globs: Sequence[str]) -> str:
     """The role of a common tensor from its bytes: shared (equal bit for bit in θ0 and every task),
     masked (a float that differs, unless its name matches a per-task glob) or per_task."""
-    b = inputs.base.get(plan.name)
-    same = all(_equal_bytes(b, ck.get(plan.name)) for ck in inputs.cks)
+    b = to_numpy(flat(inputs.base, plan.name)).view(np.uint8)  # numpy: a plain memcmp, no torch threads
+    same = all(np.array_equal(b, to_numpy(flat(ck, plan.name)).view(np.uint8)) for ck in inputs.cks)
     del b
     inputs.release(plan.name)
     if same:

@@ -1,9 +1,16 @@
-"""Encoding one tensor into an open archive: verbatim items (shared, per-task), or θ0, τ_MTL and one
-packed mask per task (masked), chunk by chunk, with the per-task statistics of FORMAT.md §4.4."""
+"""Encoding one tensor: verbatim items (shared, per-task), or θ0, τ_MTL and one packed mask per task
+(masked) with the per-task statistics of FORMAT.md §4.4.
+
+:meth:`TensorEncoder.prepare` does all the work of a tensor — the math and the compression of its
+segments — and touches no file, so several tensors are prepared at once in threads (numba and zstd
+release the GIL); :meth:`TensorEncoder.write` then appends their stored bytes in table order. On the
+CPU the masked math is one fused numba pass per chunk (:mod:`tallfmt.kernels.encode`); on other
+devices it runs in torch (:mod:`tallfmt.compute.maskmath`). Both give the same bits.
+"""
 
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -11,7 +18,7 @@ import torch
 from tallfmt import kernels
 from tallfmt.checkpoints import Checkpoint
 from tallfmt.compute import maskmath
-from tallfmt.compute.tensors import to_numpy
+from tallfmt.compute.tensors import to_numpy, torch_dtype
 from tallfmt.errors import InputError
 from tallfmt.format import codecs
 from tallfmt.format.container import ContainerWriter
@@ -20,15 +27,41 @@ from tallfmt.format.header import Item, TensorEntry
 from tallfmt.write.inputs import Inputs, flat
 from tallfmt.write.options import EncodeOptions
 from tallfmt.write.plan import TensorPlan
+from tallfmt.write import thresholds as th
 from tallfmt.write.thresholds import tensor_thresholds
+
+# Bit patterns that are NaN or ±Inf, per float dtype: (storage view, mask, value) — x & mask == value.
+# F8_E4M3 (the "fn" variant) has no infinities and one NaN pattern per sign, S.1111.111.
+_NON_FINITE = {"F64": (np.uint64, 0x7FF0000000000000, 0x7FF0000000000000), "F32": (np.uint32, 0x7F800000, 0x7F800000),
+               "F16": (np.uint16, 0x7C00, 0x7C00), "BF16": (np.uint16, 0x7F80, 0x7F80),
+               "F8_E5M2": (np.uint8, 0x7C, 0x7C), "F8_E4M3": (np.uint8, 0x7F, 0x7F)}
+
+
+def nonfinite_at(raw: np.ndarray, dtype: str) -> int | None:
+    """Index of the first NaN or Inf in the storage array ``raw`` of a float ``dtype``, or None (and None
+    for non-float dtypes). Integer tests on the bit patterns: any float dtype, float8 included."""
+    if dtype not in _NON_FINITE:
+        return None
+    view, mask, value = _NON_FINITE[dtype]
+    bits = raw.reshape(-1).view(view)
+    bad = np.flatnonzero((bits & view(mask)) == view(value))
+    return int(bad[0]) if bad.size else None
+
+
+@dataclass
+class Prepared:
+    """A tensor ready to be appended: its row's fields and each segment as stored bytes, in table order."""
+
+    plan: TensorPlan
+    items: list[tuple[str, tuple[int, ...]] | None] = field(default_factory=list)  # per_task: base, then tasks
+    stored: list[tuple[list, int, str]] = field(default_factory=list)              # (parts, decoded length, codec)
+    stats: np.ndarray | None = None                                                # masked: float64 [T, 5]
 
 
 class TensorEncoder:
-    """Writes tensors of one archive (or shard) and keeps the per-task statistics of its masked ones.
-
-    ``thresholds`` maps "ties" / "magnitude" to the global per-task thresholds (float32, one per task)
-    when that step has a global scope.
-    """
+    """Prepares and writes the tensors of one archive (or shard) and keeps the per-task statistics of its
+    masked ones. ``thresholds`` maps "ties" / "magnitude" to the global per-task thresholds (float32, one
+    per task) when that step has a global scope."""
 
     def __init__(self, inputs: Inputs, opts: EncodeOptions, thresholds: dict[str, torch.Tensor | None]) -> None:
         self.inputs, self.opts = inputs, opts
@@ -36,98 +69,141 @@ class TensorEncoder:
         self.thresholds = {k: (v.to(self.device) if v is not None else None) for k, v in thresholds.items()}
         self.stats = [maskmath.TaskStats() for _ in inputs.cks]
         self.lambdas = [opts.lambdas.get(t) for t in inputs.tasks]
+        self.sources = [ck.source for ck in inputs.all]
 
-    def write(self, writer: ContainerWriter, plan: TensorPlan) -> TensorEntry:
-        """The tensor's row, its segments written; its mapped input pages are released afterwards."""
+    # --- preparing (thread-safe) -------------------------------------------------------------------
+    def prepare(self, p: TensorPlan) -> Prepared:
+        """All the work of one tensor, its mapped input pages released afterwards."""
         try:
-            return self._write(writer, plan)
+            out = Prepared(p)
+            if p.role == "per_task":
+                inputs = self.inputs
+                holders = [inputs.base if p.name in inputs.base_names else None]
+                holders += [ck if p.name in names else None for ck, names in zip(inputs.cks, inputs.task_name_sets)]
+                for ck in holders:
+                    out.items.append(None if ck is None else self._item(out, ck, p.name))
+            elif p.role in ("shared", "masked"):
+                self._item(out, self.inputs.base, p.name, check=p.role == "shared")
+                if p.role == "masked":
+                    self._masked(out, p)
+            return out
         finally:
-            self.inputs.release(plan.name)
+            self.inputs.release(p.name)
 
-    def _write(self, writer: ContainerWriter, p: TensorPlan) -> TensorEntry:
-        inputs = self.inputs
-        if p.role == "alias":
-            return TensorEntry(p.name, "alias", target=p.target)
-        if p.role == "per_task":
-            base_item = self._item(writer, inputs.base, p.name) if p.name in inputs.base_names else None
-            items = tuple(self._item(writer, ck, p.name) if p.name in names else None
-                          for ck, names in zip(inputs.cks, inputs.task_name_sets))
-            return TensorEntry(p.name, "per_task", base_item=base_item, task_items=items)
-        item = self._item(writer, inputs.base, p.name, check=p.role == "shared")
-        if p.role == "shared":
-            return TensorEntry(p.name, "shared", item.dtype, item.shape, data=item.data)
-        tau, packed = self._masked(p)
-        tau_seg = writer.write_segment(tau, codecs.choose(self.opts.codec, 4), 4)
-        mask_codec = codecs.choose(self.opts.codec, 1)
-        masks = tuple(writer.write_segment(m, mask_codec, 1) for m in packed)
-        return TensorEntry(p.name, "masked", item.dtype, item.shape, base=item.data, tau=tau_seg, masks=masks)
+    def _store(self, out: Prepared, data: np.ndarray, itemsize: int) -> None:
+        codec = codecs.choose(self.opts.codec, itemsize)
+        view = codecs.as_bytes(data)
+        out.stored.append((codecs.encode_parts(codec, view, itemsize), len(view), codec))
 
-    def _item(self, writer: ContainerWriter, ck: Checkpoint, name: str, check: bool = True) -> Item:
-        if check:
-            self._check_finite(ck, name)
+    def _item(self, out: Prepared, ck: Checkpoint, name: str, check: bool = True) -> tuple[str, tuple[int, ...]]:
         dt, shape = ck.info(name)
-        d = by_name(dt)
-        arr = to_numpy(ck.get(name).contiguous())
-        return Item(dt, tuple(shape), writer.write_segment(arr, codecs.choose(self.opts.codec, d.itemsize), d.itemsize))
+        raw = to_numpy(flat(ck, name))
+        if check:
+            at = nonfinite_at(raw, dt)
+            if at is not None:
+                raise InputError(f"{ck.source}: tensor {name!r} holds NaN or Inf values (first at element {at})")
+        self._store(out, raw, by_name(dt).itemsize)
+        return dt, tuple(shape)
 
-    def _chunks(self, n: int) -> range:
-        return range(0, n, self.opts.chunk_size)
-
-    def _check_finite(self, ck: Checkpoint, name: str) -> None:
-        x = flat(ck, name)
-        if not x.dtype.is_floating_point:
-            return
-        for s in self._chunks(x.numel()):
-            if not bool(torch.isfinite(x[s:s + self.opts.chunk_size]).all()):
-                raise InputError(f"{ck.source}: tensor {name!r} holds NaN or Inf values")
-
-    def _check_chunk(self, probe: torch.Tensor, inputs: list[torch.Tensor], name: str) -> None:
-        """NaN/Inf check at the cost of one reduction: any NaN or Inf in θ0 or a θ_t makes Σ_t τ_t
-        non-finite. Only then is each input checked, to name the culprit (a merely overflowing sum
-        of finite values passes)."""
-        if bool(torch.isfinite(probe.sum())):
-            return
-        for ck, x in zip(self.inputs.all, inputs):
-            if not bool(torch.isfinite(x).all()):
-                raise InputError(f"{ck.source}: tensor {name!r} holds NaN or Inf values")
-
-    def _masked(self, p: TensorPlan) -> tuple[np.ndarray, list[np.ndarray]]:
-        """τ_MTL (float32) and one packed mask per task for one tensor, chunk by chunk."""
-        o, dev, chunk = self.opts, self.device, self.opts.chunk_size
-        n = math.prod(p.shape)
+    def _masked(self, out: Prepared, p: TensorPlan) -> None:
+        o = self.opts
         ties_thr, mag_thr = self.thresholds.get("ties"), self.thresholds.get("magnitude")
         if o.merge == "ties" and o.ties_scope == "per_tensor":
-            ties_thr = tensor_thresholds(self.inputs, p, o.ties_density, dev, chunk)
+            ties_thr = tensor_thresholds(self.inputs, p, o.ties_density, self.device, o.chunk_size)
         if o.mask_method == "magnitude" and o.mask_scope == "per_tensor":
-            mag_thr = tensor_thresholds(self.inputs, p, o.mask_density, dev, chunk)
+            mag_thr = tensor_thresholds(self.inputs, p, o.mask_density, self.device, o.chunk_size)
+        masked = self._fused if th.fused_on(self.device) else self._torch
+        tau, masks, stats = masked(p, ties_thr, mag_thr)
+        self._store(out, tau, 4)
+        for m in masks:
+            self._store(out, m, 1)
+        out.stats = stats
+
+    def _fused(self, p: TensorPlan, ties_thr: torch.Tensor | None, mag_thr: torch.Tensor | None
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """τ_MTL, masks [T, ⌈n/8⌉] and statistics [T, 5] in one numba pass per chunk."""
+        o, n = self.opts, p.numel
+        spec = kernels.EncodeSpec(
+            merge=o.merge, mask=o.mask_method, ties_agg=o.ties_agg,
+            lambdas=self.lambdas if o.mask_method == "tall" else None,
+            mask_thresholds=mag_thr.tolist() if mag_thr is not None else None,
+            ties_thresholds=ties_thr.tolist() if ties_thr is not None else None)
+        inputs = kernels.TensorInputs(p.dtype, to_numpy(flat(self.inputs.base, p.name)),
+                                      [to_numpy(flat(ck, p.name)) for ck in self.inputs.cks])
+        res = kernels.EncodeOutputs(n, len(self.inputs.cks))
+        for s in range(0, n, o.chunk_size):
+            kernels.encode_chunk(spec, inputs, res, s, min(n, s + o.chunk_size))
+        problem = kernels.describe_problems(res.problems, p.name, self.sources)
+        if problem is not None:
+            raise InputError(problem)
+        return res.tau, res.masks, res.stats
+
+    def _torch(self, p: TensorPlan, ties_thr: torch.Tensor | None, mag_thr: torch.Tensor | None
+               ) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
+        """The same on a torch device, chunk by chunk; the statistics then in one CPU pass per task."""
+        o, dev, chunk, n = self.opts, self.device, self.opts.chunk_size, p.numel
         b = flat(self.inputs.base, p.name)
         flats = [flat(ck, p.name) for ck in self.inputs.cks]
         tau_out = np.empty(n, dtype=np.float32)
         packed = [np.empty((n + 7) // 8, dtype=np.uint8) for _ in flats]
-        for s in self._chunks(n):
+        for s in range(0, n, chunk):
             e = min(n, s + chunk)
             theta0 = b[s:e].to(dev, dtype=torch.float32)
             thetas = [f[s:e].to(dev, dtype=torch.float32) for f in flats]
-            taus = [maskmath.task_vector(th, theta0) for th in thetas]
+            self._check_inputs(p.name, [theta0, *thetas])
+            taus = [maskmath.task_vector(x, theta0) for x in thetas]
             if o.merge == "ties":
                 tau_mtl = maskmath.ties_merge(taus, ties_thr, agg=o.ties_agg)
-                self._check_chunk(maskmath.task_arithmetic(taus), [theta0, *thetas], p.name)
             else:
                 tau_mtl = maskmath.task_arithmetic(taus)
-                self._check_chunk(tau_mtl, [theta0, *thetas], p.name)
+            self._check_overflow(p.name, taus, tau_mtl)
+            decoded = (theta0 + tau_mtl).to(torch_dtype(p.dtype))
             for t in range(len(flats)):
                 if o.mask_method == "tall":
                     m = maskmath.tall_mask(taus[t], tau_mtl, self.lambdas[t])
                 else:
                     m = maskmath.magnitude_mask(taus[t], mag_thr[t])
+                if not bool(torch.isfinite(decoded[m]).all()):
+                    raise InputError(f"{self.sources[1 + t]}: tensor {p.name!r}: a decoded value θ0 + τ_MTL "
+                                     f"overflows the tensor's dtype")
                 kernels.pack_bits_into(m.to("cpu").numpy(), packed[t][s // 8:(e + 7) // 8])
             tau_out[s:e] = tau_mtl.to("cpu").numpy()
-        # What users lose, measured on θ̂ exactly as decode will produce it: one sequential pass over the
-        # whole tensor (b and flats are views, no copy), so the sums — and the header — do not depend
-        # on chunk_size (FORMAT.md §4.4: sequential in element order, tensor by tensor).
+        # sequential in element order over the whole tensor (b and flats are views, no copy), so the sums
+        # do not depend on chunk_size (FORMAT.md §4.4)
         theta0_st = to_numpy(b)
+        stats = np.zeros((len(flats), 5))
         for t in range(len(flats)):
-            sums = np.zeros(5)
-            kernels.mask_stats(theta0_st, to_numpy(flats[t]), tau_out, packed[t], sums, dtype=p.dtype)
-            self.stats[t].add(sums, n)
-        return tau_out, packed
+            kernels.mask_stats(theta0_st, to_numpy(flats[t]), tau_out, packed[t], stats[t], dtype=p.dtype)
+        return tau_out, packed, stats
+
+    def _check_inputs(self, name: str, chunks: list[torch.Tensor]) -> None:
+        for src, x in zip(self.sources, chunks):
+            if not bool(torch.isfinite(x).all()):
+                raise InputError(f"{src}: tensor {name!r} holds NaN or Inf values")
+
+    def _check_overflow(self, name: str, taus: list[torch.Tensor], tau_mtl: torch.Tensor) -> None:
+        """What the fused kernel flags, in its order: a τ_t, then τ_MTL, overflowing float32 (a decoded value
+        that overflows the tensor's dtype is checked where the task's mask keeps it)."""
+        for src, tau in zip(self.sources[1:], taus):
+            if not bool(torch.isfinite(tau).all()):
+                raise InputError(f"{src}: tensor {name!r}: its task vector θ_t − θ0 overflows float32")
+        if not bool(torch.isfinite(tau_mtl).all()):
+            raise InputError(f"{self.sources[0]}: tensor {name!r}: the merged task vector τ_MTL overflows float32")
+
+    # --- writing (one thread, table order) -------------------------------------------------------------
+    def write(self, writer: ContainerWriter, prep: Prepared) -> TensorEntry:
+        """Append a prepared tensor's segments; returns its row. Statistics are added here, in table order."""
+        p = prep.plan
+        segs = [writer.write_stored(data, length, codec) for data, length, codec in prep.stored]
+        if p.role == "alias":
+            return TensorEntry(p.name, "alias", target=p.target)
+        if p.role == "per_task":
+            it = iter(segs)
+            items = [None if meta is None else Item(meta[0], meta[1], next(it)) for meta in prep.items]
+            return TensorEntry(p.name, "per_task", base_item=items[0], task_items=tuple(items[1:]))
+        if p.role == "shared":
+            return TensorEntry(p.name, "shared", p.dtype, p.shape, data=segs[0])
+        for t, s in enumerate(self.stats):
+            s.add(prep.stats[t], p.numel)
+        return TensorEntry(p.name, "masked", p.dtype, p.shape, base=segs[0], tau=segs[1], masks=tuple(segs[2:]))
+

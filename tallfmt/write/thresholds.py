@@ -7,9 +7,12 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
+from tallfmt import kernels
 from tallfmt.compute import maskmath
+from tallfmt.compute.tensors import to_numpy
 from tallfmt.write.inputs import Inputs, flat
 from tallfmt.write.plan import TensorPlan
 
@@ -42,9 +45,41 @@ def finish(selections: Selections, method: str) -> None:
             getattr(s, method)()
 
 
+def fused_on(device: torch.device) -> bool:
+    """Whether encode work on ``device`` runs in the numba kernels (the CPU) rather than in torch."""
+    return device.type == "cpu"
+
+
 def sweep(inputs: Inputs, plan: TensorPlan, selections: Selections, method: str, device: torch.device,
           chunk: int) -> None:
     """Add one masked tensor's |τ_t| to every selection, in the pass ``method`` names."""
+    if fused_on(device):
+        _sweep_kernels(inputs, plan, selections, method)
+    else:
+        _sweep_torch(inputs, plan, selections, method, device, chunk)
+    inputs.release(plan.name)
+
+
+def _sweep_kernels(inputs: Inputs, plan: TensorPlan, selections: Selections, method: str) -> None:
+    n = plan.numel
+    x = kernels.TensorInputs(plan.dtype, to_numpy(flat(inputs.base, plan.name)),
+                             [to_numpy(flat(ck, plan.name)) for ck in inputs.cks])
+    if method == "update_hi":  # one histogram serves every selection: they differ only in k
+        hist = np.zeros((len(inputs.cks), kernels.HI_BINS), dtype=np.int64)
+        kernels.hist_hi_chunk(x, 0, n, hist)
+        for sel in selections:
+            for t, s in enumerate(sel):
+                s.add_counts("hi", torch.from_numpy(hist[t]), n)
+        return
+    for sel in selections:
+        hist = np.zeros((len(inputs.cks), kernels.LO_BINS), dtype=np.int64)
+        kernels.hist_lo_chunk(x, 0, n, [s.selected_bin or 0 for s in sel], hist)
+        for t, s in enumerate(sel):
+            s.add_counts("lo", torch.from_numpy(hist[t]), n)
+
+
+def _sweep_torch(inputs: Inputs, plan: TensorPlan, selections: Selections, method: str, device: torch.device,
+                 chunk: int) -> None:
     b = flat(inputs.base, plan.name)
     flats = [flat(ck, plan.name) for ck in inputs.cks]
     for s in range(0, b.numel(), chunk):
@@ -54,8 +89,6 @@ def sweep(inputs: Inputs, plan: TensorPlan, selections: Selections, method: str,
             tau = maskmath.task_vector(f[s:e].to(device, dtype=torch.float32), theta0)
             for sel in selections:
                 getattr(sel[t], method)(tau)
-    del b, flats
-    inputs.release(plan.name)
 
 
 def tensor_thresholds(inputs: Inputs, plan: TensorPlan, density: float, device: torch.device,
