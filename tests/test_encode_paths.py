@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -78,3 +79,64 @@ def test_float8_tensors_encode_and_their_nan_is_refused(tmp_path, dtype):
     nan.view(torch.uint8)[1] = 0x7F if dtype == "float8_e4m3fn" else 0x7E
     with pytest.raises(tallfmt.InputError, match=r"tensor 'f8' holds NaN or Inf values \(first at element 1\)"):
         tallfmt.encode({**base, "f8": nan}, tasks, tmp_path / "n.tall")
+
+
+def _global_zoo():
+    import torch
+
+    g = torch.Generator().manual_seed(5)
+    base = {f"w{i}": torch.randn(512, 384, generator=g) * 0.02 for i in range(6)}
+    base["frozen"] = torch.randn(50, generator=g)
+    tasks = {}
+    for t in range(3):
+        sd = {k: v + (torch.rand(v.shape, generator=g) < 0.3) * torch.randn(v.shape, generator=g) * 1e-3
+              for k, v in base.items()}
+        sd["frozen"] = base["frozen"].clone()
+        tasks[f"t{t}"] = sd
+    return base, tasks
+
+
+@pytest.mark.parametrize("kw", [dict(merge="ties"), dict(mask_method="magnitude", mask_density=0.15),
+                                dict(merge="ties", mask_method="magnitude")])
+def test_global_selection_reads_the_inputs_twice(tmp_path, monkeypatch, kw):
+    """Issue 12: a global TIES trim or magnitude mask reads every masked tensor once in pass 1 and once
+    to encode, besides a sample of under 1/32 of it."""
+    base, tasks = _global_zoo()
+    reads: dict[str, list[float]] = {}
+    real = thresholds._accumulate
+
+    def counting(inputs, plan, device, chunk, hi, starts, lo, differs, ranges=None):
+        covered = plan.numel if ranges is None else sum(e - s for s, e in ranges)
+        reads.setdefault(plan.name, []).append(covered / plan.numel)
+        return real(inputs, plan, device, chunk, hi, starts, lo, differs, ranges)
+
+    monkeypatch.setattr(thresholds, "_accumulate", counting)
+    monkeypatch.setattr(thresholds, "lo_pass", lambda *a, **k: pytest.fail("a third pass was needed"))
+    tallfmt.encode(base, tasks, tmp_path / "z.tall", **kw)
+    for name in (f"w{i}" for i in range(6)):
+        sample, *full = reads[name]
+        assert sample < 1 / 32 and full == [1.0], (name, reads[name])
+
+
+@pytest.mark.parametrize("kw", [dict(merge="ties", ties_density=0.3), dict(mask_method="magnitude", mask_density=0.1)])
+def test_a_misjudged_sample_costs_a_pass_not_exactness(tmp_path, monkeypatch, kw):
+    """When the sample puts the window away from a threshold's bin, one more pass counts the true bin:
+    the archive is byte-identical to the one the right window gives."""
+    base, tasks = _global_zoo()
+    tallfmt.encode(base, tasks, tmp_path / "right.tall", **kw)
+    real = thresholds.sample_windows
+    calls = []
+    lo_pass = thresholds.lo_pass
+
+    def wrong(*a, **k):
+        w = real(*a, **k)
+        return thresholds.Windows(np.zeros_like(w.starts), 1)  # bin 0 only: |τ| < 2^-126, never the threshold
+
+    def counted(*a, **k):
+        calls.append(1)
+        return lo_pass(*a, **k)
+
+    monkeypatch.setattr(thresholds, "sample_windows", wrong)
+    monkeypatch.setattr(thresholds, "lo_pass", counted)
+    tallfmt.encode(base, tasks, tmp_path / "wrong.tall", **kw)
+    assert calls and (tmp_path / "wrong.tall").read_bytes() == (tmp_path / "right.tall").read_bytes()

@@ -42,8 +42,8 @@ from tallfmt.kernels.core import (BITS, DECODE_DTYPES, KIND_BF16, KIND_F16, KIND
                                   array_type, ctpop, decode_elem, f32_bits, kernel, packed_len,
                                   store_u64, to_f32, vector)
 
-__all__ = ["mask_stats", "EncodeSpec", "TensorInputs", "EncodeOutputs", "encode_chunk", "hist_hi_chunk", "hist_lo_chunk",
-           "describe_problems", "PROBLEM_INPUT", "PROBLEM_OVERFLOW", "PROBLEM_DECODE", "HI_BINS", "LO_BINS"]
+__all__ = ["mask_stats", "EncodeSpec", "TensorInputs", "EncodeOutputs", "encode_chunk", "hist_hi_chunk",
+           "hist_lo_chunk", "hist_window_chunk", "describe_problems", "PROBLEM_INPUT", "PROBLEM_OVERFLOW", "PROBLEM_DECODE", "HI_BINS", "LO_BINS"]
 
 #: Flags in ``EncodeOutputs.problems`` (row 0: θ0 / τ_MTL, row 1 + t: task t), OR-ed over all chunks.
 PROBLEM_INPUT = 1      # NaN or Inf in θ0 (row 0) or θ_t (row 1 + t)
@@ -341,6 +341,70 @@ def _hist_kernel(kind: int, second: bool) -> Any:
     return kernel(sig)(hist)
 
 
+@functools.cache
+def _window_kernel(kind: int) -> Any:
+    """Pass 1 of a global selection, in one read: hi[t, top 16 bits of |τ_t|] += 1 (as _hist_kernel's
+    first pass), for each selection s lo[s, t, b − w0, low 16 bits] += 1 where the top bits b lie in
+    the window [w0, w0 + width) with w0 = starts[s, t], and differs[t] = 1 when some θ_t element's bits
+    are not θ0's (the tensor is then not shared). hi, lo flat."""
+    st = types.uint32 if kind == KIND_F32 else types.uint16
+    sig = types.void(array_type(st, True), array_type(types.uint64, True), types.uint64, types.uint64,
+                     array_type(types.int64, True), types.int64, array_type(types.int64, False),
+                     array_type(types.int64, False), array_type(types.uint8, False))
+
+    def window(base: np.ndarray, thetas: np.ndarray, start: int, stop: int, starts: np.ndarray, width: int,
+               hi: np.ndarray, lo: np.ndarray, differs: np.ndarray) -> None:
+        n = _U(base.shape[0])
+        nt = _U(thetas.shape[0])
+        start = _U(start)
+        stop = _U(stop)
+        w = _U(width)
+        nsel = _U(starts.shape[0]) // nt if nt else _U(0)
+        if stop > n or start > stop or _U(hi.shape[0]) != nt * _U(HI_BINS) or _U(starts.shape[0]) != nsel * nt \
+                or _U(lo.shape[0]) != nsel * nt * w * _U(HI_BINS) or _U(differs.shape[0]) != nt:
+            raise ValueError("window kernel: lengths")
+        for q in range(nsel * nt):
+            if starts[q] < 0 or _U(starts[q]) + w > _U(HI_BINS):
+                raise ValueError("window kernel: window")
+        idx = np.empty(_HB, dtype=np.uint32)
+        nblocks = (stop - start + _U(_HB - 1)) // _U(_HB)
+        for t in range(nt):
+            p = thetas[t]
+            row = _U(t) * _U(HI_BINS)
+            diff = _u32(0)
+            for k in range(nblocks):
+                s = start + _U(_HB) * _U(k)
+                m = min(_U(_HB), stop - s)
+                lanes = _U(0)
+                for j in range(m):  # vectorised: bins and lane counts (zeros diverted, as _hist_kernel does)
+                    i = s + _U(j)
+                    bb = base[i]
+                    th = _load_at(base, p, i)
+                    diff |= _u32(th != bb)
+                    a = f32_bits(to_f32(th, kind) - to_f32(bb, kind)) & _u32(0x7FFFFFFF)
+                    divert = a == _u32(0)
+                    lane = _u32(j) & _u32(7)
+                    lanes += _U(divert) << (_U(8) * _U(lane))
+                    idx[j] = (a >> _u32(16)) if not divert else lane
+                for j in range(m):
+                    hi[row + _U(idx[j])] += 1
+                for q in range(8):
+                    c = np.int64((lanes >> _U(8 * q)) & _U(0xFF))
+                    hi[row + _U(q)] -= c
+                    hi[row] += c
+                for sel in range(nsel):  # the windows: a few bins, so most elements skip them
+                    w0 = _u32(starts[_U(sel) * nt + _U(t)])
+                    base_row = (_U(sel) * nt + _U(t)) * w * _U(HI_BINS)
+                    for j in range(m):
+                        i = s + _U(j)
+                        a = f32_bits(to_f32(_load_at(base, p, i), kind) - to_f32(base[i], kind)) & _u32(0x7FFFFFFF)
+                        b = (a >> _u32(16)) - w0  # unsigned: wraps above the window when a is below it
+                        if _U(b) < w:
+                            lo[base_row + _U(b) * _U(HI_BINS) + _U(a & _u32(0xFFFF))] += 1
+            differs[t] |= np.uint8(diff != _u32(0))
+    return kernel(sig)(window)
+
+
 # --- public API ----------------------------------------------------------------------------------
 def _float32_params(values: Any, name: str, *, allow_inf: bool) -> np.ndarray:
     """Per-task parameters rounded once to float32 (nearest even), as maskmath rounds its scalars.
@@ -554,6 +618,34 @@ def hist_lo_chunk(inputs: TensorInputs, start: int, stop: int, bins: Sequence[in
         raise InputError(f"bins: expected {inputs.num_tasks} bins in [0, {HI_BINS}), got {list(bins)}")
     _check_range(inputs.n, start, stop, aligned=False)
     _hist_kernel(inputs._kind, True)(inputs._base, inputs._ptrs, start, stop, b, h)
+
+
+def hist_window_chunk(inputs: TensorInputs, start: int, stop: int, starts: np.ndarray, width: int,
+                      hi: np.ndarray, lo: np.ndarray, differs: np.ndarray) -> None:
+    """Pass 1 of a global selection in one read of elements [start, stop): ``hi`` (int64 (T, HI_BINS))
+    adds what hist_hi_chunk adds; for each selection s and task t, ``lo[s, t]`` (int64 (S, T, width,
+    65536)) adds, for the top-16-bit bins b in [starts[s, t], starts[s, t] + width), the low-16-bit
+    histogram of the |τ_t| in bin b (row b − starts[s, t]); ``differs[t]`` (uint8 (T,)) becomes 1 when
+    an element of θ_t is not θ0 bit for bit."""
+    nt = inputs.num_tasks
+    st = np.ascontiguousarray(starts, dtype=np.int64)
+    if st.ndim != 2 or st.shape[1] != nt:
+        raise InputError(f"starts: expected shape (selections, {nt}), got {st.shape}")
+    if isinstance(width, bool) or not isinstance(width, (int, np.integer)) or width < 1:
+        raise InputError(f"width: expected an integer >= 1, got {width!r}")
+    h = _hist_array(hi, nt, HI_BINS)
+    if not isinstance(lo, np.ndarray) or lo.dtype != np.int64 or lo.shape != (st.shape[0], nt, width, HI_BINS) \
+            or not lo.flags.c_contiguous or not lo.flags.writeable:
+        raise InputError(f"lo: expected a writable contiguous int64 array of shape ({st.shape[0]}, {nt}, {width}, "
+                         f"{HI_BINS})")
+    d = vector(differs, "differs", (np.uint8,), writeable=True)
+    if d.shape[0] != nt:
+        raise InputError(f"differs: expected {nt} flags, got {d.shape[0]}")
+    if ((st < 0) | (st + width > HI_BINS)).any():
+        raise InputError(f"starts: every window [start, start + {width}) must lie in [0, {HI_BINS})")
+    _check_range(inputs.n, start, stop, aligned=False)
+    _window_kernel(inputs._kind)(inputs._base, inputs._ptrs, start, stop, st.reshape(-1), int(width), h,
+                                 lo.reshape(-1), d)
 
 
 def describe_problems(problems: np.ndarray, tensor: str, sources: Sequence[str]) -> str | None:

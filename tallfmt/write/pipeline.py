@@ -4,7 +4,7 @@ archive (FORMAT.md §9), written without an index.
 1. Plan on the driver from metadata alone (names, dtypes, shapes, tied storage), and split the plans
    into shards (one for a single file).
 2. Global selections (TIES global trim, global magnitude masks) as map/reduce over shards: each shard
-   returns its tensors' roles, then its |τ_t| histograms, which add up to the exact thresholds.
+   returns its tensors' roles and its |τ_t| histograms in one read, which add up to the exact thresholds.
 3. Each shard is encoded by a runner (this process, or a Dask cluster) into its file.
 4. Sharded archives only: commit — shards into place, stale shards out, the index written last.
 """
@@ -33,7 +33,7 @@ from tallfmt.write.options import DEFAULTS, EncodeOptions
 from tallfmt.write.plan import group_into_shards, plan_metadata, stored_bytes
 from tallfmt.write.report import EncodeReport, RoleSummary
 from tallfmt.write.runners import Runner, portable_source, runner_for
-from tallfmt.write.shard import ShardJob, ShardResult, encode_shard, shard_histograms, shard_roles
+from tallfmt.write.shard import ShardJob, ShardResult, encode_shard, shard_lo, shard_pass1
 
 #: progress(advance, total): bytes of input processed since the last call, and the total over all passes.
 ProgressFn = Callable[[int, int], None]
@@ -165,6 +165,9 @@ def _drive(runner: Runner, base_src: Any, task_srcs: tuple[tuple[str, Any], ...]
         plans = plan_metadata(inputs, opts.mismatch)
         sizes = [stored_bytes(inputs, p) for p in plans]
         tensor_bytes = {p.name: inputs.tensor_bytes(p.name) for p in plans}
+        # where the global thresholds lie, from a sample (~1/64 of the candidate tensors)
+        windows = th.sample_windows(inputs, plans, [d for _, d in opts.global_steps()], opts.per_task,
+                                    torch.device(opts.device), opts.chunk_size) if opts.global_steps() else None
     input_bytes = sum(tensor_bytes.values())
     if sharded:
         if shards is None and max_shard_size is None:
@@ -173,11 +176,11 @@ def _drive(runner: Runner, base_src: Any, task_srcs: tuple[tuple[str, Any], ...]
     else:
         groups = [plans]
     jobs = [ShardJob(base_src, task_srcs, opts, tuple(g), threads) for g in groups]
-    passes = 4 if opts.global_steps() else 1
+    passes = 2 if opts.global_steps() else 1
     meter = _Meter(progress, input_bytes * passes, runner, [sum(tensor_bytes[p.name] for p in g) for g in groups])
 
-    # 2. global thresholds: roles, then the two histogram passes, each a map over shards + a reduce
-    jobs, thresholds, index_thresholds = _global_thresholds(runner, jobs, opts, meter)
+    # 2. global thresholds: roles and histograms in one map over shards, then a reduce
+    jobs, thresholds, index_thresholds = _global_thresholds(runner, jobs, opts, windows, meter)
 
     # 3. encode every shard: the single file straight to its path, shards to temporary names
     if not sharded:
@@ -223,27 +226,28 @@ def _task_entries(opts: EncodeOptions, stats: list[maskmath.TaskStats]) -> tuple
     return tuple(TaskEntry(t, opts.lambdas.get(t), stats[i].result()) for i, t in enumerate(opts.tasks))
 
 
-def _global_thresholds(runner: Runner, jobs: list[ShardJob], opts: EncodeOptions, meter: _Meter
-                       ) -> tuple[list[ShardJob], dict[str, torch.Tensor | None], dict[str, tuple | None]]:
-    """Decide every role, then the exact global thresholds (FORMAT.md §9.5 step 2). Returns the jobs
-    with their roles decided, {step: thresholds tensor} for the encoders and the index's values."""
+def _global_thresholds(runner: Runner, jobs: list[ShardJob], opts: EncodeOptions, windows: th.Windows | None,
+                       meter: _Meter) -> tuple[list[ShardJob], dict[str, torch.Tensor | None], dict[str, tuple | None]]:
+    """Decide every role and the exact global thresholds in one pass over the inputs (FORMAT.md §9.5
+    step 2; thresholds.py says how). Returns the jobs with their roles decided, {step: thresholds} for
+    the encoders and the index's values."""
     index_values: dict[str, tuple | None] = {"ties": None, "magnitude": None}
     thresholds: dict[str, torch.Tensor | None] = {"ties": None, "magnitude": None}
     steps = opts.global_steps()
-    if not steps:
+    if windows is None:
         return jobs, thresholds, index_values
-    roles = runner.map("roles", shard_roles, [(j, meter.per_tensor) for j in jobs], meter.shard_done)
-    jobs = [replace(j, plans=tuple(p.with_role(r) for p, r in zip(j.plans, rs))) for j, rs in zip(jobs, roles)]
-    total = th.total_params([p for j in jobs for p in j.plans])
-    # histograms travel and add up on the CPU; counts are integers, so the sum is exact
-    sels = th.new_selections([d for _, d in steps], total, len(opts.tasks), "cpu")
-    for method, finish in th.PASSES:
-        forks = th.fork(sels)
-        for part in runner.map(method, shard_histograms, [(j, forks, method, meter.per_tensor) for j in jobs],
-                               meter.shard_done):
-            th.merge_into(sels, part)
-        th.finish(sels, finish)
-    for (step, _), sel in zip(steps, sels):
-        index_values[step] = th.as_index_values(sel)
-        thresholds[step] = th.as_tensor(sel, "cpu")
+    parts = runner.map("pass1", shard_pass1, [(j, windows, meter.per_tensor) for j in jobs], meter.shard_done)
+    jobs = [replace(j, plans=tuple(p.with_role(r) for p, r in zip(j.plans, part.roles))) for j, part in zip(jobs, parts)]
+    hi = sum(part.hi for part in parts)
+    lo = sum(part.lo for part in parts)
+    total = sum(part.masked for part in parts)
+    densities = [d for _, d in steps]
+    values, misses = th.choose(hi, lo, windows, densities, total)
+    if misses:  # the sample misjudged a bin: one more pass over the masked tensors, for those bins
+        bins = [[int(th.choose_bin(hi[t], total, d)) for t in range(hi.shape[0])] for d in densities]
+        lo_true = sum(runner.map("lo", shard_lo, [(j, bins) for j in jobs]))
+        th.settle(values, misses, lo_true, densities, total)
+    for (step, _), row in zip(steps, values):
+        index_values[step] = tuple(row)
+        thresholds[step] = th.as_tensor(row)
     return jobs, thresholds, index_values

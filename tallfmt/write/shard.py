@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import numpy as np
 import torch
 
 from tallfmt.compute import maskmath
@@ -87,32 +88,20 @@ def _opened(job: ShardJob) -> Iterator[Inputs]:
         yield inputs
 
 
-def shard_roles(job: ShardJob, progress: Progress = None) -> list[str]:
-    """Step 1 of a global selection: the role of each of the shard's tensors (reads common ones)."""
-    roles = []
+def shard_pass1(job: ShardJob, windows: th.Windows, progress: Progress = None) -> th.Pass1:
+    """Pass 1 of the global selections over the shard: roles and histograms (one read of each tensor)."""
     with _opened(job) as inputs:
-        for p in job.plans:
-            roles.append(decide_role(inputs, p, job.options.per_task) if p.role == COMMON else p.role)
-            if progress is not None:
-                progress(inputs.tensor_bytes(p.name))
-    return roles
+        o = job.options
+        return th.pass1(inputs, job.plans, windows, o.per_task, torch.device(o.device), o.chunk_size, progress)
 
 
-def shard_histograms(job: ShardJob, templates: th.Selections, method: str, progress: Progress = None
-                     ) -> th.Selections:
-    """Steps 2 and 3: the shard's |τ_t| histograms (``method`` "update_hi" or "update_lo") in fresh
-    forks of ``templates`` (the driver's accumulators in the current pass), for the driver to merge."""
-    if method not in ("update_hi", "update_lo"):
-        raise ValueError(f"method must be 'update_hi' or 'update_lo', got {method!r}")
-    forks = th.fork(templates)  # never the caller's objects
+def shard_lo(job: ShardJob, bins: list[list[int]]) -> np.ndarray:
+    """The low-bit histograms inside ``bins`` over the shard's masked tensors (only when the sample of
+    pass 1 misjudged a threshold's bin)."""
     with _opened(job) as inputs:
-        dev = torch.device(job.options.device)
-        for p in job.plans:
-            if p.role == "masked":
-                th.sweep(inputs, p, forks, method, dev, job.options.chunk_size)
-            if progress is not None:
-                progress(inputs.tensor_bytes(p.name))
-    return forks
+        o = job.options
+        return th.lo_pass(inputs, [p for p in job.plans if p.role == "masked"], bins, torch.device(o.device),
+                          o.chunk_size)
 
 
 def encode_shard(job: ShardJob, thresholds: dict[str, torch.Tensor | None], path: str | Path,
