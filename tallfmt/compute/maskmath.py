@@ -311,20 +311,6 @@ class TopKThreshold:
         self._kept = self._above + at_or_above
         self.phase = "done"
 
-    def add_counts(self, phase: str, counts: Tensor, entries: int) -> None:
-        """Add a histogram counted elsewhere (e.g. by the numba kernels of tallfmt.kernels.encode, over
-        ``entries`` values): pass "hi" takes 65536 bins, pass "lo" 65538 (below the chosen bin, its
-        65536 low halves, above it), exactly what update_hi / update_lo would have counted."""
-        want = _NBINS if phase == "hi" else _NBINS + 2
-        if not isinstance(counts, Tensor) or counts.shape != (want,) or counts.dtype != torch.int64:
-            raise InputError(f"TopKThreshold.add_counts: expected an int64 tensor of {want} bins")
-        if self.k == 0:
-            self._seen[phase] += check_count(entries, "entries")
-            return
-        self._expect(phase, f"add_counts({phase!r})")
-        self._hist[phase] = self._add(self._hist[phase], counts)
-        self._seen[phase] += check_count(entries, "entries")
-
     def _update(self, phase: str, chunk: Tensor, bins_of) -> None:
         if self.k == 0:  # nothing to select; only count, so `finish_*` can check the total
             self._seen[phase] += _f32(chunk, "chunk").numel()
