@@ -618,6 +618,8 @@ class Reference:
             for m in ms:
                 m.masks = [tau.abs() >= _float32(self.lambdas[t]) * (m.tau_mtl - tau).abs()
                            for t, tau in zip(self.tasks, m.taus)]
+        for m in ms:  # FORMAT §4.3: where τ_MTL = 0 the bit changes nothing and is stored as 0
+            m.masks = [keep & (m.tau_mtl != 0) for keep in m.masks]
 
     # --- decoding and merging (§4.4) --------------------------------------------------------------
     def _assemble(self, value: Any) -> dict[str, Tensor]:

@@ -115,9 +115,10 @@ def test_roundtrip_hand_made_ties_and_signed_zeros(tmp_path):
         assert_roundtrip(base, tasks, tmp_path / "zoo.tall", **kw)
     ref = reference(base, tasks, lambdas=1.0)
     # τ_a = [.25, 0, .25, .25, −0, .25], τ_b = [−.25, .25, −.25, .25, 0, 0], τ_MTL = [0, .25, 0, .5, 0, .25]:
-    # entries 0, 2, 3 of task a tie (.25 ≥ 1·.25) and are kept; a's entry 1 keeps θ0 = −0.0
-    assert ref.masks["a"]["w"].tolist() == [True, False, True, True, True, True]
-    assert ref.masks["b"]["w"].tolist() == [True, True, True, True, True, False]
+    # entry 3 of task a ties (.25 ≥ 1·.25) and is kept; entries 0, 2, 4 tie too, but τ_MTL = 0 there, so
+    # their bits are 0 (FORMAT §4.3, 1.1); a's entry 1 keeps θ0 = −0.0
+    assert ref.masks["a"]["w"].tolist() == [False, False, False, True, False, True]
+    assert ref.masks["b"]["w"].tolist() == [False, True, False, True, False, False]
     assert str(ref.decode("a")["w"][1].item()) == "-0.0"
 
 

@@ -280,7 +280,7 @@ def test_header_stats_overflowing_to_infinity(valid: Path) -> None:
 
 def test_header_integer_with_too_many_digits(valid: Path) -> None:
     parts = tc.split(valid)  # Python refuses int() of > 4300 digits: must still be a FormatError
-    tc.with_header(valid, parts.header.replace(b'"version":[1,0]', b'"version":[1,' + b"9" * 5000 + b"]"))
+    tc.with_header(valid, parts.header.replace(b'"version":[1,1]', b'"version":[1,' + b"9" * 5000 + b"]"))
     refused(valid, FormatError, "header")
 
 
@@ -829,7 +829,7 @@ def test_header_at_end_and_layout(valid: Path) -> None:
     parts = tc.split(valid)
     size = valid.stat().st_size
     assert parts.header_offset % 64 == 0 and parts.header_offset + parts.header_length == size
-    assert parts.flags == 0 and parts.reserved == bytes(16) and (parts.major, parts.minor) == (1, 0)
+    assert parts.flags == 0 and parts.reserved == bytes(16) and (parts.major, parts.minor) == (1, 1)
     offsets = sorted(s["offset"] for _, s in tc.segments(parts.header_json()))
     assert offsets[0] == 64 and all(o % 64 == 0 for o in offsets)
     assert _padding_positions(valid) and all(Path(valid).read_bytes()[i] == 0 for i in _padding_positions(valid))

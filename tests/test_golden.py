@@ -71,7 +71,7 @@ def test_minimal_golden_decodes_by_hand() -> None:
 
     raw = (GOLDEN / "minimal.tall").read_bytes()
     magic, major, minor, flags, h_off, h_len = struct.unpack_from("<8sHHIQQ", raw)
-    assert magic == b"\x89TALL\r\n\x1a" and (major, minor, flags) == (1, 0, 0)
+    assert magic == b"\x89TALL\r\n\x1a" and (major, minor, flags) == (1, 1, 0)
     header = json.loads(raw[h_off:h_off + h_len])
     (t,) = header["tensors"]
     n = int(np.prod(t["shape"]))

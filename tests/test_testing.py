@@ -176,12 +176,12 @@ def test_reference_by_hand():
     assert ref.roles == {"w": "masked", "i": "per_task"}
     # τ_a = [.5, 0, −1, 0], τ_b = [0, .5, 1, 0], τ_MTL = [.5, .5, 0, 0]
     assert ref.tau_mtl["w"].tolist() == [0.5, 0.5, 0.0, 0.0]
-    assert ref.masks["a"]["w"].tolist() == [True, False, True, True]
+    assert ref.masks["a"]["w"].tolist() == [True, False, False, False]  # 0 where τ_MTL = 0 (FORMAT §4.3)
     assert ref.decode("a")["w"].tolist() == [1.5, 2.0, 3.0, 4.0]
     assert ref.decode("a")["i"].tolist() == [1, 3]
     assert ref.merge("task_arithmetic", alpha=0.5)["w"].tolist() == [1.25, 2.25, 3.0, 4.0]
     assert ref.merge("consensus", k=2, alpha=1.0)["w"].tolist() == [1.0, 2.0, 3.0, 4.0]
-    assert ref.agreement().tolist() == [0, 2, 2]
+    assert ref.agreement().tolist() == [2, 2, 0]
     ties = reference(base, tasks, merge="ties", ties_density=0.25)  # k = 1: each task keeps its largest
     assert ties.tau_mtl["w"].tolist() == [0.0, 0.0, 0.0, 0.0]       # −1 and +1 cancel: nothing elected
     assert reference(base, tasks, merge="ties", ties_density=0.5).tau_mtl["w"].tolist() == [0.5, 0.5, 0.0, 0.0]

@@ -20,7 +20,7 @@ from tallfmt.format.jsonio import loads_strict_object
 
 MAGIC = b"\x89TALL\r\n\x1a"
 FORMAT_NAME = "tallfmt"
-MAJOR, MINOR = 1, 0
+MAJOR, MINOR = 1, 1
 PREAMBLE_SIZE = 64
 ALIGN = 64
 

@@ -429,8 +429,8 @@ class EncodeSpec:
     ``merge`` "task_arithmetic" or "ties" (with ``ties_thresholds`` v_t, one per task, and ``ties_agg``
     "sum" or "mean"); ``mask`` "tall" (``lambdas``, λ_t ≥ 0 as maskmath allows; the codec asks > 0) or
     "magnitude" (``mask_thresholds`` v_t; +inf keeps nothing). Parameters are rounded to float32 here,
-    once. ``zero_tau_clears_mask``: clear the mask bit wherever τ_MTL == 0 exactly (a planned format
-    change; off = format 1.0).
+    once. ``zero_tau_clears_mask``: clear the mask bit wherever τ_MTL == 0 exactly (what the encoder of
+    format 1.1 does, FORMAT.md §4.3; off: the mask rule alone, as format 1.0 wrote).
 
         >>> EncodeSpec(lambdas=[0.4, 0.5]).num_tasks
         2

@@ -124,7 +124,7 @@ class TensorEncoder:
         """τ_MTL, masks [T, ⌈n/8⌉] and statistics [T, 5] in one numba pass per chunk."""
         o, n = self.opts, p.numel
         spec = kernels.EncodeSpec(
-            merge=o.merge, mask=o.mask_method, ties_agg=o.ties_agg,
+            merge=o.merge, mask=o.mask_method, ties_agg=o.ties_agg, zero_tau_clears_mask=True,
             lambdas=self.lambdas if o.mask_method == "tall" else None,
             mask_thresholds=mag_thr.tolist() if mag_thr is not None else None,
             ties_thresholds=ties_thr.tolist() if ties_thr is not None else None)
@@ -163,6 +163,7 @@ class TensorEncoder:
                     m = maskmath.tall_mask(taus[t], tau_mtl, self.lambdas[t])
                 else:
                     m = maskmath.magnitude_mask(taus[t], mag_thr[t])
+                m &= tau_mtl != 0  # a bit where τ_MTL = 0 changes no value: stored as 0 (FORMAT.md §4.3)
                 if not bool(torch.isfinite(decoded[m]).all()):
                     raise InputError(f"{self.sources[1 + t]}: tensor {p.name!r}: a decoded value θ0 + τ_MTL "
                                      f"overflows the tensor's dtype")
