@@ -274,7 +274,7 @@ D = DEFAULTS  # encode's defaults, defined once (tallfmt.write.options)
               help="Segment codec (auto: byteplane-zstd for floats, zstd for masks).")
 @click.option("--device", default=None, help="torch device for the mask math, e.g. cuda:0 (default cpu).")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
-              help="torch threads for the mask math (default: torch's; 1 is faster when the cores are busy).")
+              help="At most this many tensors encoded at once (default: one per core; threads never spin).")
 @click.option("--mismatch", type=click.Choice(MISMATCH), default=D.mismatch, show_default=True,
               help="Tensors whose presence/dtype/shape differ between checkpoints: refuse, or store per task.")
 @click.option("--per-task", "per_task", multiple=True, metavar="GLOB",
