@@ -1,4 +1,4 @@
-"""The toy model zoo the zoo tests share: 2 tasks, 64 training examples, 8 steps, max length 32.
+"""The toy model zoo the zoo tests share: 2 tasks, 48 training examples, 6 steps, max length 24.
 
     import _zoo_toy                     # skips the importing test module without the zoo's packages
     def test_x(toy_zoo): ...            # (zoo folder, manifest), built once per session (conftest.py)
@@ -39,8 +39,8 @@ from bench.zoo import build as zoo_build  # noqa: E402
 from bench.zoo.config import ZooConfig  # noqa: E402
 
 TASKS_CI = ["sms_spam", "trec_coarse"]
-CFG = ZooConfig(max_train=64, max_validation=48, max_test=48, max_length=32, batch_size=16, epochs=2,
-                max_steps=8, lr=5e-5, probe_l2_grid=(1e-2, 1e-1))
+CFG = ZooConfig(max_train=48, max_validation=32, max_test=32, max_length=24, batch_size=16, epochs=2,
+                max_steps=6, lr=5e-5, probe_l2_grid=(1e-2, 1e-1))
 
 
 def build(out: Path) -> tuple[Path, dict]:

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
+
+# torch's OpenMP threads wait passively, not spinning, when a test (or the CI job beside this one) keeps the
+# other core busy: read by the OpenMP runtime when torch is first imported, which is after this file.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 @pytest.fixture(scope="session")

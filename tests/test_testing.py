@@ -441,8 +441,9 @@ def test_reference_follows_the_per_task_globs(coll, globs, tmp_path_factory):
     assert_roundtrip(coll.base, coll.tasks, path, **kw)
 
 
-@pytest.mark.parametrize("suffix", [".running_mean", ".running_var", ".num_batches_tracked"])
+@pytest.mark.parametrize("suffix", [".running_var", ".num_batches_tracked"])  # a float and the I64 counter
 def test_collections_hold_batch_norm_statistics(suffix):
     # find() raises NoSuchExample when the generator never makes such a name
-    hypothesis.find(checkpoint_collections(), lambda c: any(n.endswith(suffix) for n in c.base),
-                    settings=settings(max_examples=200, database=None))
+    small = checkpoint_collections(max_tasks=2, max_tensors=4, max_dims=1, max_side=3)
+    hypothesis.find(small, lambda c: any(n.endswith(suffix) for n in c.base),
+                    settings=settings(max_examples=100, database=None))

@@ -1,4 +1,4 @@
-"""The model-zoo pipeline (bench/zoo) at toy size: 2 tasks, 64 train examples, 8 steps, max length 32.
+"""The model-zoo pipeline (bench/zoo) at toy size: 2 tasks, 48 train examples, 6 steps, max length 24.
 
 The toy zoo and the check for the zoo's packages are shared with test_zoo_eval.py: tests/_zoo_toy.py.
 """
@@ -70,12 +70,12 @@ def test_manifest(zoo):
     assert list(m["tasks"]) == TASKS_CI
     for task, e in m["tasks"].items():
         assert e["status"] == "complete"
-        assert e["sizes"] == {"train": 64, "validation": 48, "test": 48}
+        assert e["sizes"] == {"train": 48, "validation": 32, "test": 32}
         assert len(e["classes"]) == len(TASKS[task].load()[2])
         for model in ("finetuned", "zeroshot"):
             for split in ("validation", "test"):
                 assert 0.0 <= e["accuracy"][model][split] <= 1.0
-        assert e["training"]["steps"] == 8
+        assert e["training"]["steps"] == 6
         for key in ("probe_s", "finetune_s", "total_s"):
             assert e["timing"][key] > 0
         for part in ("finetuned", "head"):
