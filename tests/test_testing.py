@@ -445,5 +445,4 @@ def test_reference_follows_the_per_task_globs(coll, globs, tmp_path_factory):
 def test_collections_hold_batch_norm_statistics(suffix):
     # find() raises NoSuchExample when the generator never makes such a name
     small = checkpoint_collections(max_tasks=2, max_tensors=4, max_dims=1, max_side=3)
-    hypothesis.find(small, lambda c: any(n.endswith(suffix) for n in c.base),
-                    settings=settings(max_examples=100, database=None))
+    hypothesis.find(small, lambda c: any(n.endswith(suffix) for n in c.base), settings=FIND)
