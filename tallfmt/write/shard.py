@@ -17,7 +17,8 @@ import torch
 
 from tallfmt.compute import maskmath
 from tallfmt.format.container import ContainerWriter
-from tallfmt.format.header import Header, TaskEntry
+from tallfmt.format.files import Files
+from tallfmt.format.header import Header, TaskEntry, version_for
 from tallfmt.format.index import read_header_xxh3
 from tallfmt.write import thresholds as th
 from tallfmt.write.inputs import Inputs, open_inputs
@@ -35,6 +36,7 @@ class ShardJob:
     tasks: tuple[tuple[str, Any], ...]
     options: EncodeOptions
     plans: tuple[TensorPlan, ...]
+    files: Files | None = None   # a single-file archive's files (a sharded one keeps them in its index)
 
 
 @dataclass
@@ -53,7 +55,7 @@ Progress = Callable[[int], None] | None  # told the input bytes of each tensor a
 
 @contextmanager
 def _opened(job: ShardJob) -> Iterator[Inputs]:
-    with open_inputs(job.base, job.tasks) as inputs:
+    with open_inputs(job.base, job.tasks, dtype=job.options.dtype, prefix_map=job.options.prefix_map) as inputs:
         yield inputs
 
 
@@ -100,6 +102,7 @@ def encode_shard(job: ShardJob, thresholds: dict[str, torch.Tensor | None], path
             if progress is not None:
                 progress(inputs.tensor_bytes(p.name))
         tasks = tuple(TaskEntry(t, opts.lambdas.get(t), enc.stats[i].result()) for i, t in enumerate(opts.tasks))
-        final = writer.finish(Header(tasks, opts.encoding(), tuple(entries), dict(opts.metadata)))
+        final = writer.finish(Header(tasks, opts.encoding(), tuple(entries), dict(opts.metadata),
+                                     version_for(job.files), job.files))
     return ShardResult(str(final), final.stat().st_size, read_header_xxh3(final), enc.stats,
                        RoleSummary.of(entries))
