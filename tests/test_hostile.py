@@ -280,7 +280,7 @@ def test_disk_full_during_encode(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     _install_full_disk(monkeypatch, n)
     base, tasks = _zoo()
     with pytest.raises(WriteError) as info:
-        tallfmt.encode(base, tasks, target)
+        tallfmt.encode(base, tasks, target, overwrite=True)
     err = info.value
     assert isinstance(err, TallError) and isinstance(err, OSError) and err.errno == errno.ENOSPC
     assert str(target) in str(err) and "No space left" in str(err)
@@ -293,7 +293,7 @@ def test_disk_full_and_close_failing_too(tmp_path: Path, monkeypatch: pytest.Mon
     _install_full_disk(monkeypatch, 500, close_fails=True)
     base, tasks = _zoo()
     with pytest.raises(WriteError, match="No space left"):
-        tallfmt.encode(base, tasks, target)
+        tallfmt.encode(base, tasks, target, overwrite=True)
     assert _folder_state(tmp_path) == before
 
 
@@ -307,7 +307,7 @@ def test_failing_fsync_rename_chmod(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(atomic.os, call, fail)
     base, tasks = _zoo()
     with pytest.raises(WriteError) as info:
-        tallfmt.encode(base, tasks, target)
+        tallfmt.encode(base, tasks, target, overwrite=True)
     monkeypatch.undo()
     assert info.value.errno == err and str(target) in str(info.value)
     assert _folder_state(tmp_path) == before
@@ -373,7 +373,7 @@ def test_archive_replaced_while_open_keeps_serving_the_old_handle(tmp_path: Path
         base2, tasks2 = _zoo(2, ("x", "y"))
         tallfmt.encode(base2, tasks2, tmp_path / "other.tall")
         os.replace(tmp_path / "other.tall", path)               # replaced by rename, as encode does
-        tallfmt.encode(base2, tasks2, path)                     # and by encode itself over the open file
+        tallfmt.encode(base2, tasks2, path, overwrite=True)     # and by encode itself over the open file
         assert {t: fw.state_digest(old.decode(t)) for t in old.tasks} == before
         assert fw.state_digest(old.merge("task_arithmetic")) == merged
         old.verify()

@@ -382,7 +382,8 @@ class Run:
             except tallfmt.TallError:
                 pass
         t = time.perf_counter()
-        rep = tallfmt.encode(self.base, self.ft, path, metadata={"zoo_eval_key": k}, **encode_kwargs)
+        rep = tallfmt.encode(self.base, self.ft, path, metadata={"zoo_eval_key": k}, overwrite=True,
+                             **encode_kwargs)
         log(f"archive {name}: {rep.archive_bytes:,} bytes ({rep.ratio:.2f}× smaller than the raw collection) "
             f"in {time.perf_counter() - t:.1f} s")
         self.archives[name] = path
@@ -874,7 +875,7 @@ def write_outputs(res: dict, out: Path, results_path: Path, plot_path: Path, com
     ag = res["agreement"]["tall_ta"]
     T = len(res["tasks"])
     plot_agreement(plot_path, f"TALL masks (λ per task) on τ_MTL of task arithmetic: {T} tasks, "
-                   f"{sum(ag['counts']):,} masked parameters", ag["rows"], ag["mask"])
+                   f"{sum(ag['counts']):,} masked parameters", ag["rows"], ag["mask"], overwrite=True)
     res["plot"] = os.path.relpath(plot_path, results_path.parent)
     section = render(res, command, date)
     (out / "report.md").write_text(section, encoding="utf-8")
