@@ -28,17 +28,12 @@ from __future__ import annotations
 
 import argparse
 import gc
-import math
-import os
-import shutil
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
 import _common as C  # noqa: E402  (bench/ is on sys.path when run as a script)
-from tallfmt import kernels  # noqa: E402
 from tallfmt.format.codecs import get_codec  # noqa: E402
 
 CODEC_IDS = ("raw", "zstd", "byteplane-zstd")
@@ -131,7 +126,8 @@ def _real_archive(theta0: Path, tasks: list[Path]) -> str:
 
     C.OUT.mkdir(parents=True, exist_ok=True)
     out = C.OUT / "real-zoo.tall"
-    rep = C.with_torch_threads(1, lambda: tallfmt.encode(theta0, {p.stem: p for p in tasks}, out))()
+    rep = C.with_torch_threads(1, lambda: tallfmt.encode(theta0, {p.stem: p for p in tasks}, out,
+                                                         overwrite=True))()
     with tallfmt.open(out) as zoo:
         stored: dict[str, int] = {}
         decoded: dict[str, int] = {}
@@ -175,7 +171,7 @@ def _archive(base: Path, tasks: list[Path], codec: str, merge: str = "task_arith
     out = C.OUT / f"{base.parent.name}-{merge}-{codec}.tall"
     if not out.exists() or out.stat().st_mtime < max(p.stat().st_mtime for p in [base, *tasks]):
         rep = C.with_torch_threads(1, lambda: tallfmt.encode(base, {p.stem: p for p in tasks}, out, merge=merge,
-                                                             codec=codec))()
+                                                             codec=codec, overwrite=True))()
         print(f"  {rep}", flush=True)
     return out
 
@@ -257,7 +253,7 @@ def part_encode(a: argparse.Namespace) -> str:
         out = C.OUT / f"bench-encode-{merge}-{codec}.tall"
 
         def run():
-            return tallfmt.encode(base, {p.stem: p for p in tasks}, out, merge=merge, codec=codec)
+            return tallfmt.encode(base, {p.stem: p for p in tasks}, out, merge=merge, codec=codec, overwrite=True)
         return run
 
     one = lambda fn: C.with_torch_threads(1, fn)  # noqa: E731
@@ -274,7 +270,7 @@ def part_encode(a: argparse.Namespace) -> str:
         cases.append((f"encode ties global, codec auto, torch threads {nt} (default)", enc("ties", "auto")))
     # numba kernels (cached on disk) and zstd contexts loaded before the timed rounds
     tb, tt = C.write_synthetic_zoo(C.CACHE, C.bert_like_layout(hidden=64, layers=1, vocab=100), 2, log=None)
-    tallfmt.encode(tb, {p.stem: p for p in tt}, C.OUT / "warmup.tall", merge="ties")
+    tallfmt.encode(tb, {p.stem: p for p in tt}, C.OUT / "warmup.tall", merge="ties", overwrite=True)
     t = C.interleaved(cases, a.encode_repeats, warmup=0, after=gc.collect)
     rows = []
     for name, _ in cases:

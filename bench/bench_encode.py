@@ -84,7 +84,7 @@ def cases(base: Path, tasks: list[Path], out: Path, quick: bool) -> list[tuple[s
         return n
 
     def enc(name: str, **kw: object):
-        return lambda: tallfmt.encode(base, srcs, out / f"{name}.tall", **kw)
+        return lambda: tallfmt.encode(base, srcs, out / f"{name}.tall", overwrite=True, **kw)
 
     return [("zstd-3", zstd3), ("read", read),
             ("TA", enc("ta")), ("TA t=1", enc("ta1", threads=1)),
@@ -102,7 +102,7 @@ def run(zoo: str, quick: bool, repeats: int) -> str:
     out.mkdir(parents=True, exist_ok=True)
     # kernels compiled (cached on disk) and zstd contexts made before any timed round
     import tallfmt
-    tallfmt.encode(base, {p.stem: p for p in tasks[:1]}, out / "warmup.tall", merge="ties")
+    tallfmt.encode(base, {p.stem: p for p in tasks[:1]}, out / "warmup.tall", merge="ties", overwrite=True)
     lines = [f"### {zoo}: {len(layout)} tensors, {C.layout_params(layout) / 1e6:.1f}M params per model, "
              f"{n_tasks} fine-tunes + θ0, inputs {total / 2**20:,.0f} MiB\n"]
     for busy in (False, True):

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import threading
@@ -58,12 +57,13 @@ def _child(spec: dict) -> None:
         p = tiny / f"m{t}.safetensors"
         save_safetensors(sd, p)
         paths.append(p)
-    tallfmt.encode(paths[0], {"x": paths[1], "y": paths[2]}, tiny / "tiny.tall", merge=spec["merge"])
+    tallfmt.encode(paths[0], {"x": paths[1], "y": paths[2]}, tiny / "tiny.tall", merge=spec["merge"],
+                   overwrite=True)
     st = C.proc_status()
     reset = C.reset_hwm()
     print("BASELINE " + json.dumps({**st, "hwm_reset": reset}), flush=True)
     t0 = time.perf_counter()
-    rep = tallfmt.encode(spec["base"], {Path(p).stem: p for p in spec["tasks"]}, spec["out"],
+    rep = tallfmt.encode(spec["base"], {Path(p).stem: p for p in spec["tasks"]}, spec["out"], overwrite=True,
                          merge=spec["merge"], codec=spec["codec"])
     dt = time.perf_counter() - t0
     st = C.proc_status()

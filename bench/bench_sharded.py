@@ -123,7 +123,7 @@ def main() -> None:
                 cpu0 = [cpu_seconds(p) for p in pids[n]]
                 driver0 = time.process_time()
                 with Sampler(pids[n]) as s:
-                    tallfmt.encode(base, tasks, out, shards=args.shards, scheduler=clients[n], **opts)
+                    tallfmt.encode(base, tasks, out, shards=args.shards, scheduler=clients[n], overwrite=True, **opts)
                 cpu = [cpu_seconds(p) - c for p, c in zip(pids[n], cpu0)]
                 peaks[n]["cpu_max"].append(max(cpu))
                 peaks[n]["cpu_sum"].append(sum(cpu))

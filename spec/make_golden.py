@@ -9,16 +9,21 @@ For each case NAME it writes:
                              "mask/<task>/<tensor>" (U8, one byte per element, 0/1),
                              "merge/<method>/<tensor>" (zeroshot, task_arithmetic α=0.5, consensus k=2 α=0.5)
                              and "agreement" (I64, length T+1)
-NAME.json in tests/golden_cases.json records the encode options. tests/test_golden.py checks that the
-reader decodes every .tall to the expected tensors bit for bit and that encoding the inputs with the
-recorded options reproduces the .tall byte for byte.
+                             and "file/<model>/<name>" (U8: the bytes of each stored file, FORMAT.md §10;
+                             <model> is "base" or a task)
+cases.json records the encode options (and, for "files", the folders' other files: each model is
+encoded from a folder holding its model.safetensors and those files). tests/test_golden.py checks
+that the reader decodes every .tall to the expected tensors bit for bit and that encoding the inputs
+with the recorded options reproduces the .tall byte for byte.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -44,6 +49,13 @@ CASES: dict[str, dict] = {
     "magnitude": {"tasks": ["x", "y"],
                   "options": {"merge": "ties", "ties_density": 0.5, "ties_agg": "mean", "ties_scope": "per_tensor",
                               "mask_method": "magnitude", "mask_density": 0.1, "mask_scope": "per_tensor"}},
+    # Format 1.1: model folders with their other files (FORMAT.md §10), one shared by every model.
+    "files": {"tasks": ["sst2", "mnli"], "options": {"codec": "raw"},
+              "folders": {
+                  "base": {"config.json": '{"model_type": "bert"}\n', "vocab.txt": "[PAD]\n[UNK]\nthe\n" * 20},
+                  "sst2": {"config.json": '{"model_type": "bert", "num_labels": 2}\n',
+                           "vocab.txt": "[PAD]\n[UNK]\nthe\n" * 20, "1_Pooling/config.json": "{}\n"},
+                  "mnli": {"config.json": '{"model_type": "bert", "num_labels": 3}\n', "README.md": "# mnli\n"}}},
 }
 
 
@@ -53,7 +65,7 @@ def _inputs(case: str, tasks: list[str]) -> tuple[dict, dict]:
     def randn(*shape: int, scale: float = 0.02) -> torch.Tensor:
         return torch.from_numpy(np.asarray(g.standard_normal(shape) * scale, dtype=np.float32))
 
-    if case == "minimal":
+    if case in ("minimal", "files"):
         base = {"w": randn(4, 6)}
     else:
         base = {"enc.w": randn(16, 12), "enc.h": randn(40).half(), "enc.b": randn(3, 5).bfloat16(),
@@ -98,9 +110,31 @@ def load_inputs(case: str) -> tuple[dict, dict]:
     return base, sds
 
 
+def sources(case: str, folder: Path) -> tuple[Any, dict[str, Any]]:
+    """What encode is given for a case: the checked-in state dicts, or for a case with "folders" one
+    folder per model in ``folder`` (its model.safetensors and the recorded files)."""
+    base, tasks = load_inputs(case)
+    spec = CASES[case].get("folders")
+    if spec is None:
+        return base, tasks
+    paths = {}
+    for model, sd in (("base", base), *tasks.items()):
+        d = folder / model
+        d.mkdir(parents=True)
+        save_file(sd, str(d / "model.safetensors"))
+        for name, text in spec[model].items():
+            (d / name).parent.mkdir(parents=True, exist_ok=True)
+            (d / name).write_bytes(text.encode("utf-8"))
+        paths[model] = d
+    return paths.pop("base"), paths
+
+
 def expected(path: Path) -> dict:
     out = {}
     with tallfmt.open(path) as zoo:
+        for model in (None, *zoo.tasks):
+            for name, data in zoo.files(model).items():
+                out[f"file/{model or 'base'}/{name}"] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
         for t in zoo.tasks:
             for k, v in zoo.decode(t).items():
                 out[f"task/{t}/{k}"] = v.clone()
@@ -124,8 +158,9 @@ def main() -> None:
         for t, sd in sds.items():
             flat.update(_flatten(t, sd))
         save_file(flat, str(out / f"{case}.inputs.safetensors"))
-        base, sds = load_inputs(case)
-        tallfmt.encode(base, sds, out / f"{case}.tall", **spec["options"])
+        with tempfile.TemporaryDirectory() as tmp:
+            base, sds = sources(case, Path(tmp))
+            tallfmt.encode(base, sds, out / f"{case}.tall", overwrite=True, **spec["options"])
         save_file(expected(out / f"{case}.tall"), str(out / f"{case}.expected.safetensors"))
     (out / "cases.json").write_text(json.dumps(CASES, indent=2) + "\n")
     total = sum(p.stat().st_size for p in out.iterdir())

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from tallfmt.errors import ChecksumError, FormatError, InputError, LimitError, TallError, WriteError
+from tallfmt.errors import ChecksumError, FormatError, InputError, LimitError, TallError, TallWarning, WriteError
 
 __version__ = "0.1.0"
 
@@ -25,7 +25,7 @@ _LAZY = {
 }
 
 __all__ = [*_LAZY, "TallError", "FormatError", "ChecksumError", "LimitError", "InputError", "WriteError",
-           "__version__"]
+           "TallWarning", "__version__"]
 
 
 def __getattr__(name: str) -> Any:

@@ -3,14 +3,17 @@
     tallfmt encode base.safetensors sst2.safetensors mnli.safetensors -o zoo.tall
     tallfmt info zoo.tall [--json]
     tallfmt decode zoo.tall sst2 -o sst2.safetensors
-    tallfmt merge zoo.tall --method consensus --k 2 --alpha 0.4 -o merged.safetensors
+    tallfmt merge zoo.tall --merge consensus --k 2 --alpha 0.4 -o merged.safetensors
     tallfmt verify zoo.tall
     tallfmt stats zoo.tall --plot agreement.png
     tallfmt demo
 
 Errors that tallfmt raises on purpose (``TallError``) and OS errors print one line,
 ``tallfmt: error: ...``, on stderr and exit with code 1; usage errors exit with 2 (click's
-convention). ``tallfmt --debug ...`` adds the traceback.
+convention); Ctrl-C exits with 130 (outputs are written whole or not at all). tallfmt's own warnings
+(``TallWarning``) print one line each, ``tallfmt: warning: ...``; other libraries' warnings are shown
+only with ``--debug``, which also adds the traceback of an error. ``--quiet`` and ``--debug`` go
+before or after the command's name.
 """
 
 from __future__ import annotations
@@ -18,8 +21,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import sys
 import traceback
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -29,12 +34,14 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from tallfmt import __version__
-from tallfmt.errors import TallError
+from tallfmt.errors import TallError, TallWarning
 from tallfmt.format import codecs
 from tallfmt.format.header import MASK_METHODS, MERGE_METHODS
-from tallfmt.read.merges import DEFAULT_MERGE, MERGES
-from tallfmt.summary import agreement_table, format_summary, human_bytes, pct, plot_agreement, summary, text_table
-from tallfmt.write.options import DEFAULTS, MISMATCH, SCOPES, TIES_AGGS
+from tallfmt.format.outputs import MAX_SHARD_SIZE
+from tallfmt.read.merges import DEFAULT_MERGE, DEFAULT_PER_TASK, MERGES, PER_TASK_POLICIES
+from tallfmt.summary import (agreement_table, check_plot_path, format_summary, human_bytes, pct, plot_agreement,
+                             plural, summary, text_table)
+from tallfmt.write.options import CAST_DTYPES, DEFAULTS, MISMATCH, SCOPES, TIES_AGGS
 
 if TYPE_CHECKING:
     from tallfmt.read.archive import Archive
@@ -94,16 +101,43 @@ class _Group(click.Group):
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
-            return super().invoke(ctx)
+            with _warnings_as_lines(ctx):
+                return super().invoke(ctx)
         except BrokenPipeError:
             # `tallfmt info zoo.tall | head`: the reader left; say nothing more (Python's recommended way).
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             raise SystemExit(1) from None
+        except KeyboardInterrupt:
+            # outputs are written whole or not at all: an interrupted command leaves nothing half written
+            click.echo("\ntallfmt: interrupted", err=True)
+            raise click.exceptions.Exit(130) from None
         except (TallError, OSError) as exc:
-            if ctx.params.get("debug"):
+            if getattr(ctx.obj, "debug", False):
                 traceback.print_exc()
             msg = str(exc) if isinstance(exc, TallError) else f"{type(exc).__name__}: {exc}"
             raise CommandError(msg or type(exc).__name__) from exc
+
+
+@contextmanager
+def _warnings_as_lines(ctx: click.Context) -> Iterator[None]:
+    """tallfmt's warnings as ``tallfmt: warning: ...`` lines on stderr, as they happen; other
+    libraries' warnings (torch's, when it loads a file) only with --debug."""
+    def show(message: Any, category: type[Warning], filename: str, lineno: int, file: Any = None,
+             line: Any = None) -> None:
+        if issubclass(category, TallWarning):
+            click.echo(f"tallfmt: warning: {message}", err=True)
+        elif getattr(ctx.obj, "debug", False):
+            click.echo(f"tallfmt: warning from {filename}:{lineno}: {category.__name__}: {message}", err=True)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")
+        warnings.showwarning = show
+        yield
+
+
+def warn(msg: str) -> None:
+    """One warning line, as tallfmt's own warnings print."""
+    click.echo(f"tallfmt: warning: {msg}", err=True)
 
 
 class RegistryChoice(click.Choice):
@@ -131,6 +165,23 @@ class _Settings:
 
 def _settings() -> _Settings:
     return click.get_current_context().find_object(_Settings) or _Settings(False, False)
+
+
+def _set_flag(name: str) -> Callable[[click.Context, click.Parameter, bool], bool]:
+    def callback(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
+        settings = ctx.find_object(_Settings)
+        if value and settings is not None:
+            setattr(settings, name, True)
+        return value
+    return callback
+
+
+def common_params() -> list[click.Option]:
+    """``--quiet`` and ``--debug`` for every command, so they also work after its name."""
+    return [click.Option(["-q", "--quiet"], is_flag=True, expose_value=False, callback=_set_flag("quiet"),
+                         help="No progress bars, no informational messages."),
+            click.Option(["--debug"], is_flag=True, expose_value=False, callback=_set_flag("debug"),
+                         help="Show the traceback of an error, and other libraries' warnings.")]
 
 
 def _say(msg: str = "") -> None:
@@ -202,12 +253,31 @@ def cli(ctx: click.Context, debug: bool, quiet: bool) -> None:
 
 
 def task_name_of(source: str) -> str:
-    """A task's default name: the file's stem, or the folder's name (also for model.safetensors)."""
-    p = Path(source)
-    if p.is_dir():
-        return p.resolve().name
-    stem = p.name.split(".")[0] if p.name.endswith(".safetensors") else p.stem
-    return p.resolve().parent.name if stem in GENERIC_STEMS else stem
+    """A task's default name: the file's stem, or the folder's name (also for model.safetensors); a
+    Hugging Face cache snapshot (``models--org--name/snapshots/<hash>``) is named ``name``.
+
+        >>> task_name_of("hub/models--textattack--bert-base-uncased-SST-2/snapshots/5f1a3c")
+        'bert-base-uncased-SST-2'
+    """
+    p = Path(os.path.abspath(source))  # lexical: a cache snapshot's files are links into blobs/
+    if not p.is_dir():
+        stem = p.name.split(".")[0] if p.name.endswith(".safetensors") else p.stem
+        if stem not in GENERIC_STEMS:
+            return stem
+        p = p.parent
+    if len(p.parts) >= 3 and p.parent.name == "snapshots" and p.parent.parent.name.startswith("models--"):
+        return p.parent.parent.name.split("--")[-1]
+    return p.name or p.resolve().name
+
+
+def _check_task_names(tasks: list[str], finetunes: tuple[str, ...]) -> None:
+    repeats = {t: [f for f, n in zip(finetunes, tasks) if n == t] for t in dict.fromkeys(tasks) if tasks.count(t) > 1}
+    if not repeats:
+        return
+    said = "; ".join(f"{t!r} for {', '.join(srcs)}" for t, srcs in repeats.items())
+    why = (" (Trainer checkpoint-N folders of different runs share their names)"
+           if any(re.fullmatch(r"checkpoint-\d+", t) for t in repeats) else "")
+    raise click.UsageError(f"task names repeat: {said}{why}; name the tasks with --name, once per FT in order")
 
 
 def _parse_lambdas(values: tuple[str, ...], tasks: list[str]) -> float | dict[str, float]:
@@ -246,6 +316,17 @@ def _parse_metadata(values: tuple[str, ...]) -> dict[str, str]:
     return out
 
 
+def _parse_prefix_map(values: tuple[str, ...]) -> dict[str, str] | None:
+    out = {}
+    for v in values:
+        old, sep, new = v.partition("=")
+        if not sep:
+            raise click.BadParameter(f"{v!r}: expected OLD=NEW, e.g. =bert. (prefix every name of the base) or "
+                                     f"model.= (strip model.)", param_hint="--prefix-map")
+        out[old] = new
+    return out or None
+
+
 D = DEFAULTS  # encode's defaults, defined once (tallfmt.write.options)
 
 
@@ -257,7 +338,7 @@ D = DEFAULTS  # encode's defaults, defined once (tallfmt.write.options)
 @click.option("--name", "names", multiple=True,
               help="Task name, once per FT in order (default: each file's stem or folder's name).")
 @click.option("--merge", type=click.Choice(MERGE_METHODS), default=D.merge, show_default=True,
-              help="How τ_MTL is made.")
+              help="The merge that makes τ_MTL.")
 @click.option("--ties-density", type=float, default=D.ties_density, show_default=True,
               help="TIES: fraction kept per task.")
 @click.option("--ties-agg", type=click.Choice(TIES_AGGS), default=D.ties_agg, show_default=True,
@@ -275,12 +356,20 @@ D = DEFAULTS  # encode's defaults, defined once (tallfmt.write.options)
 @click.option("--device", default=None, help="torch device for the mask math, e.g. cuda:0 (default cpu).")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="At most this many tensors encoded at once (default: one per core; threads never spin).")
+@click.option("--dtype", type=click.Choice([d.lower() for d in CAST_DTYPES], case_sensitive=False),
+              default=D.dtype, help="Cast every float tensor of every input to this storage dtype first (the "
+                                    "math stays float32), e.g. for bf16 bases with fp32 fine-tunes.")
+@click.option("--prefix-map", "prefix_map", multiple=True, metavar="OLD=NEW",
+              help="Rename the base's tensors starting with OLD to start with NEW, repeatable: =bert. prefixes "
+                   "every name, model.= strips model.")
 @click.option("--mismatch", type=click.Choice(MISMATCH), default=D.mismatch, show_default=True,
               help="Tensors whose presence/dtype/shape differ between checkpoints: refuse, or store per task.")
 @click.option("--per-task", "per_task", multiple=True, metavar="GLOB",
               help="Float tensors named like GLOB are stored verbatim per task when they differ, repeatable "
                    f"(default: {' '.join(D.per_task)}; --per-task '' for none).")
 @click.option("--metadata", "metadata", multiple=True, metavar="KEY=VALUE", help="Free metadata, repeatable.")
+@click.option("--files/--no-files", "files", default=D.files, show_default=True,
+              help="Store the folders' non-weight files (config.json, tokenizer, model card) for decode/merge.")
 @click.option("--shards", type=click.IntRange(min=1), default=None,
               help="Write a sharded archive: OUTPUT becomes a folder of N shard files + tall.index.json.")
 @click.option("--max-shard-size", default=None, help="Sharded archive: shards of at most this size, e.g. 2GB.")
@@ -289,23 +378,20 @@ D = DEFAULTS  # encode's defaults, defined once (tallfmt.write.options)
 @click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
 def encode(base: str, finetunes: tuple[str, ...], output: str, names: tuple[str, ...], merge: str,
            ties_density: float, ties_agg: str, ties_scope: str, lambdas: tuple[str, ...], mask_method: str,
-           mask_density: float, codec: str, device: str | None, threads: int | None, mismatch: str,
-           per_task: tuple[str, ...], metadata: tuple[str, ...], shards: int | None, max_shard_size: str | None,
-           scheduler: str | None, force: bool) -> None:
+           mask_density: float, codec: str, device: str | None, threads: int | None, dtype: str | None,
+           prefix_map: tuple[str, ...], mismatch: str, per_task: tuple[str, ...], metadata: tuple[str, ...],
+           files: bool, shards: int | None, max_shard_size: str | None, scheduler: str | None, force: bool) -> None:
     """Encode BASE (θ0) and its fine-tunes FT ... into one .tall archive.
 
     Each of BASE and FT is a .safetensors file, a folder with model.safetensors or a sharded
-    model.safetensors.index.json, or a .bin/.pt file.
+    model.safetensors.index.json (a Hugging Face folder or cache snapshot), or a .bin/.pt file.
+    The folders' config, tokenizer and model card are stored too (--no-files: not).
     """
     if names and len(names) != len(finetunes):
         raise click.BadParameter(f"got {len(names)} names for {len(finetunes)} fine-tunes", param_hint="--name")
     tasks = list(names) if names else [task_name_of(f) for f in finetunes]
-    dupes = sorted({t for t in tasks if tasks.count(t) > 1})
-    if dupes:
-        raise click.UsageError(f"task names repeat ({', '.join(dupes)}); name the tasks with --name, once per FT")
+    _check_task_names(tasks, finetunes)
     out = Path(output)
-    if out.exists() and not force:
-        raise CommandError(f"{out} exists; pass --force to overwrite it")
     lam = _parse_lambdas(lambdas, tasks)
     meta = _parse_metadata(metadata)
     shard_size = parse_size(max_shard_size) if max_shard_size is not None else None
@@ -316,14 +402,18 @@ def encode(base: str, finetunes: tuple[str, ...], output: str, names: tuple[str,
         report = encode_archive(base, dict(zip(tasks, finetunes)), out, merge=merge, lambdas=lam,
                                 ties_density=ties_density, ties_agg=ties_agg, ties_scope=ties_scope,
                                 mask_method=mask_method, mask_density=mask_density, codec=codec,
-                                device=device, threads=threads, mismatch=mismatch, per_task=patterns,
-                                metadata=meta,
-                                overwrite=force,
+                                device=device, threads=threads, dtype=dtype, prefix_map=_parse_prefix_map(prefix_map),
+                                mismatch=mismatch, per_task=patterns, metadata=meta, files=files, overwrite=force,
                                 progress=update, shards=shards, max_shard_size=shard_size, scheduler=scheduler)
     roles = ", ".join(f"{n} {r}" for r, n in report.roles.items())
-    _say(f"{report.path}: {len(report.tasks)} tasks ({', '.join(report.tasks)}), {roles} tensors")
+    _say(f"{report.path}: {plural(len(report.tasks), 'task')} ({', '.join(report.tasks)}), {roles} tensors")
+    if report.files is not None:
+        _say(f"files stored: {', '.join(report.file_names)} ({len(report.files.blobs)} distinct, "
+             f"{human_bytes(report.files.content_bytes)})")
     _say(f"{human_bytes(report.input_bytes)} of checkpoints → {human_bytes(report.archive_bytes)} "
          f"({report.ratio:.2f}× smaller) in {report.seconds:.1f} s")
+    for w in report.warnings:
+        warn(w)
     _say(f"see `tallfmt info {out}` for the breakdown")
 
 
@@ -335,17 +425,26 @@ def info(archive: str, as_json: bool) -> None:
     with _open(archive) as zoo:
         s = summary(zoo)
     click.echo(json.dumps(s, indent=2, ensure_ascii=False) if as_json else format_summary(s))
+    if not as_json:
+        for w in s["warnings"]:
+            warn(w)
 
 
-def _refuse_existing(out: Path, force: bool) -> None:
-    """decode/merge outputs: refuse to replace a model file (or a folder holding one) without --force."""
-    if force or not out.exists():
-        return
-    if out.is_dir():
-        if any(out.glob("*.safetensors")) or (out / "model.safetensors.index.json").exists():
-            raise CommandError(f"{out} already holds a model; pass --force to overwrite it")
-        return
-    raise CommandError(f"{out} exists; pass --force to overwrite it")
+def _check_model_output(out: Path, force: bool, max_shard_size: str | None) -> int | None:
+    """decode/merge: refuse a model output that exists (without --force) or that names another kind
+    of file, and a --max-shard-size for a one-file output, before the archive is read; the shard size."""
+    from tallfmt.format.outputs import check_model_output
+
+    kind = check_model_output(out, force)
+    if max_shard_size is None:
+        return None
+    if kind == "file":
+        raise click.BadParameter(f"applies to a folder output; {out} is one .safetensors file",
+                                 param_hint="--max-shard-size")
+    return parse_size(max_shard_size)
+
+
+SHARD_HELP = f"Folder output: largest weight file before it is sharded (default {MAX_SHARD_SIZE // 2**30}GiB)."
 
 
 @contextmanager
@@ -378,18 +477,25 @@ def _written(files: list[Path]) -> str:
 @click.argument("task")
 @click.option("-o", "--output", required=True, type=click.Path(),
               help="A .safetensors file, or a folder (HF-style, sharded above --max-shard-size).")
-@click.option("--max-shard-size", default="5GB", show_default=True, help="Folder output: largest shard.")
+@click.option("--max-shard-size", default=None, help=SHARD_HELP)
 @click.option("--force", is_flag=True, help="Overwrite an existing output.")
-def decode(archive: str, task: str, output: str, max_shard_size: str, force: bool) -> None:
-    """Write TASK's model, θ0 + m_t ∘ τ_MTL, from ARCHIVE to OUTPUT."""
+def decode(archive: str, task: str, output: str, max_shard_size: str | None, force: bool) -> None:
+    """Write TASK's model, θ0 + m_t ∘ τ_MTL, from ARCHIVE to OUTPUT.
+
+    A folder OUTPUT also gets the task's stored files (config.json, tokenizer, …), so that
+    transformers' from_pretrained(OUTPUT) loads it.
+    """
     out = Path(output)
-    shard = parse_size(max_shard_size)
-    _refuse_existing(out, force)
+    shard = _check_model_output(out, force, max_shard_size)
     with _open(archive) as zoo:
         zoo.task_info(task)  # an unknown task fails here, before anything is written
         with _counting(zoo, "iter_decode", f"decode {task}", _output_bytes(zoo, zoo.task_index(task))):
-            files = zoo.decode_to(task, out, max_shard_size=shard)
+            files = zoo.decode_to(task, out, max_shard_size=shard, overwrite=force)
+        skipped = zoo.file_names(task) if out.name.endswith(".safetensors") else []
     _say(f"{task}: wrote {_written(files)}")
+    if skipped:
+        names = ", ".join(skipped[:3]) + ("…" if len(skipped) > 3 else "")
+        _say(f"({plural(len(skipped), 'stored file')} not written, {names}: decode to a folder to get them)")
 
 
 def _output_bytes(zoo: Archive, task: int | None) -> int:
@@ -400,7 +506,7 @@ def _output_bytes(zoo: Archive, task: int | None) -> int:
 
 
 def merge_command() -> click.Command:
-    """``tallfmt merge``, built from the merge registry: one ``--method`` choice per registered method
+    """``tallfmt merge``, built from the merge registry: one ``--merge`` choice per registered method
     and one option per parameter any method declares, with each method's default in its help."""
     declared: dict[str, list[tuple[str, Any]]] = {}
     kinds: dict[str, Any] = {}
@@ -411,45 +517,61 @@ def merge_command() -> click.Command:
     options = []
     for name, users in declared.items():
         p = kinds[name]
-        defaults = "; ".join(f"{m}: {q.default}" for m, q in users)
-        kind = click.IntRange(min=p.minimum) if p.type is int and p.minimum is not None else p.type
-        options.append(click.Option([f"--{name.replace('_', '-')}", name], type=kind, default=None,
-                                    help=f"{p.help[0].upper()}{p.help[1:]} (default {defaults})."))
+        defaults = {str(q.default) for _, q in users}
+        said = (f"{', '.join(m for m, _ in users)}; default {defaults.pop()}" if len(defaults) == 1
+                else "; ".join(f"{m}: default {q.default}" for m, q in users))
+        at_least = f", ≥ {p.minimum:g}" if p.minimum is not None else ""
+        options.append(click.Option([f"--{name.replace('_', '-')}", name], type=p.type, default=None,
+                                    metavar="N" if p.type is int else "X",
+                                    help=f"{p.help[0].upper()}{p.help[1:]}{at_least} ({said})."))
     methods = "; ".join(f"{m.name}: {m.help}" for m in MERGES.values())
 
-    def run(archive: str, method: str, output: str, max_shard_size: str, force: bool, **given: Any) -> None:
+    def run(archive: str, merge: str, method_alias: str | None, per_task: str, output: str,
+            max_shard_size: str | None, force: bool, **given: Any) -> None:
+        method = method_alias or merge
         params = {k: v for k, v in given.items() if v is not None}
         takes = {p.name for p in MERGES[method].params}
         for k in params:
             if k not in takes:
-                raise click.BadParameter(f"--{k.replace('_', '-')} does not apply to --method {method} "
+                raise click.BadParameter(f"--{k.replace('_', '-')} does not apply to --merge {method} "
                                          f"(it takes {', '.join(f'--{t}' for t in sorted(takes)) or 'no parameters'})",
                                          param_hint=f"--{k.replace('_', '-')}")
         out = Path(output)
-        shard = parse_size(max_shard_size)
-        _refuse_existing(out, force)
+        shard = _check_model_output(out, force, max_shard_size)
         with _open(archive) as zoo:
             with _counting(zoo, "iter_merge", f"merge {method}", _output_bytes(zoo, None)):
-                files = zoo.merge_to(out, method, max_shard_size=shard, **params)
+                files = zoo.merge_to(out, method, per_task=per_task, max_shard_size=shard, overwrite=force, **params)
         desc = ", ".join(f"{key}={v}" for key, v in params.items())
         _say(f"{method}{f' ({desc})' if desc else ''}: wrote {_written(files)}")
 
     return click.Command(
         "merge", callback=run, short_help="Write one merged multi-task model.",
-        help="Write one merged multi-task model from ARCHIVE to OUTPUT.",
+        help="Write one merged multi-task model from ARCHIVE to OUTPUT (a folder also gets the base's stored "
+             "files: config.json, tokenizer, …).",
         params=[click.Argument(["archive"], type=click.Path(exists=False)),
-                click.Option(["--method"], type=click.Choice(list(MERGES)), default=DEFAULT_MERGE, show_default=True,
-                             help=f"{methods}."),
+                click.Option(["--merge"], type=RegistryChoice(lambda: list(MERGES)), default=DEFAULT_MERGE,
+                             show_default=True, help=f"{methods}."),
+                # the name this option had before it matched encode's --merge
+                click.Option(["--method", "method_alias"], type=RegistryChoice(lambda: list(MERGES)), default=None,
+                             hidden=True),
                 *options,
-                click.Option(["-o", "--output"], required=True, type=click.Path(), help="A .safetensors file or a folder."),
-                click.Option(["--max-shard-size"], default="5GB", show_default=True, help="Folder output: largest shard."),
-                click.Option(["--force"], is_flag=True, help="Overwrite an existing output.")])
+                click.Option(["--per-task", "per_task"], type=click.Choice(PER_TASK_POLICIES), default=DEFAULT_PER_TASK,
+                             show_default=True,
+                             help="Tensors stored per task (heads, adapters, batch-norm statistics) cannot be merged: "
+                                  "take θ0's copy, drop them, or refuse; a warning names them."),
+                click.Option(["-o", "--output"], required=True, type=click.Path(),
+                             help="A .safetensors file or a folder."),
+                click.Option(["--max-shard-size"], default=None, help=SHARD_HELP),
+                click.Option(["--force"], is_flag=True, help="Overwrite an existing output."),
+                *common_params()])
 
 
-def _counted_read(read: Callable[..., Any], update: Callable[[int], None]) -> Callable[..., Any]:
-    def counted(seg: Any, itemsize: int) -> Any:
-        out = read(seg, itemsize)
-        update(seg.length)
+def _counted_read(read: Callable[..., Any], update: Callable[[int], None], seen: set[int]) -> Callable[..., Any]:
+    def counted(seg: Any, itemsize: int, *args: Any, **kwargs: Any) -> Any:
+        out = read(seg, itemsize, *args, **kwargs)
+        if id(seg) not in seen:  # masks are read twice (checksum, then padding): count their bytes once
+            seen.add(id(seg))
+            update(seg.length)
         return out
     return counted
 
@@ -457,35 +579,41 @@ def _counted_read(read: Callable[..., Any], update: Callable[[int], None]) -> Ca
 @cli.command(short_help="Check every checksum and mask of an archive.")
 @click.argument("archive", type=click.Path(exists=False))
 def verify(archive: str) -> None:
-    """Check ARCHIVE's header, every segment's checksum and contents, and every mask; exit 1 if damaged."""
+    """Check ARCHIVE's header, every segment's checksum and contents, every mask and every stored
+    file; exit 1 if damaged."""
     with _open(archive) as zoo:
         segments = [s for e in zoo.header.tensors for s in e.segments()]
         stored = sum(s.length for s in segments)
-        masks = sum(m.length for e in zoo.header.tensors for m in e.masks)  # read twice: checksum, padding
+        seen: set[int] = set()
         # Archive.verify has no progress hook: counting each shard's segment reads drives the bar.
-        with progress(stored + masks, "verify") as update:
+        with progress(stored, "verify") as update:
             for shard in zoo.shards:
-                shard.read = _counted_read(shard.read, update)
+                shard.read = _counted_read(shard.read, update, seen)
             try:
                 zoo.verify()
             finally:
                 for shard in zoo.shards:
                     del shard.read
-    _say(f"{archive}: OK — header, {len(segments):,} segments ({human_bytes(stored)}) and "
-         f"{len(zoo.tasks)} tasks' masks checked")
+        files = zoo.header.files
+    said = f", {plural(len(files.blobs), 'stored file')}" if files is not None else ""
+    _say(f"{archive}: OK — header, {len(segments):,} segments ({human_bytes(stored)}){said} and "
+         f"{plural(len(zoo.tasks), 'task')}' masks checked")
 
 
 @cli.command(short_help="Mask agreement histogram (paper eq. 7), optionally as a PNG.")
 @click.argument("archive", type=click.Path(exists=False))
 @click.option("--plot", "plot", type=click.Path(dir_okay=False), default=None,
-              help="Also write a PNG: the agreement histogram and per-task mask density (needs matplotlib).")
+              help="Also draw the agreement histogram and per-task mask density into this image, of the kind its "
+                   "suffix names (.png, .svg, .pdf, …; PNG without one; needs matplotlib).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def stats(archive: str, plot: str | None, as_json: bool) -> None:
+@click.option("--force", is_flag=True, help="Overwrite an existing --plot image.")
+def stats(archive: str, plot: str | None, as_json: bool, force: bool) -> None:
     """Mask agreement of ARCHIVE: parameters kept by exactly n of the T task masks (paper eq. 7, Fig. 3).
 
     n = 0 catastrophic, n = 1 selfish, 2..T-1 general, n = T universal. Consensus merging with
     threshold k keeps the parameters with n ≥ k.
     """
+    plot_format = check_plot_path(Path(plot), force) if plot is not None else None
     with _open(archive) as zoo:
         counts = [int(c) for c in zoo.agreement().tolist()]
         tasks = summary(zoo)["tasks"]
@@ -493,12 +621,13 @@ def stats(archive: str, plot: str | None, as_json: bool) -> None:
     rows = agreement_table(counts)
     T = len(counts) - 1
     if plot is not None:
-        plot_agreement(Path(plot), f"{name}: {T} tasks, {sum(counts):,} masked parameters", rows, tasks)
+        plot_agreement(Path(plot), f"{name}: {plural(T, 'task')}, {sum(counts):,} masked parameters", rows, tasks,
+                       plot_format, force)
     if as_json:
         click.echo(json.dumps({"num_tasks": T, "masked_params": sum(counts), "agreement": rows,
                                "mask_density": {t["name"]: t["mask_density"] for t in tasks}}, indent=2))
         return
-    lines = [f"{archive}: {sum(counts):,} masked parameters, {T} tasks", ""]
+    lines = [f"{archive}: {sum(counts):,} masked parameters, {plural(T, 'task')}", ""]
     table = [["n", "kind", "parameters", "fraction", "kept by consensus k=n"]]
     table += [[str(r["n"]), r["kind"], f"{r['params']:,}", pct(r["fraction"]), pct(r["kept_by_consensus_k"])]
               for r in rows]
@@ -521,6 +650,10 @@ def demo(workdir: str | None, quick: bool, synthetic: bool, seed: int) -> None:
     from tallfmt.demo import run_demo
 
     run_demo(workdir=Path(workdir) if workdir else None, quick=quick, synthetic=synthetic, seed=seed)
+
+
+for _command in cli.commands.values():
+    _command.params.extend(common_params())
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -405,7 +405,7 @@ def _run(work: Path, *, quick: bool, synthetic: bool, seed: int, start: float, k
     _echo(f"2. Encoding: tallfmt encode zoo/{zoo.base.name} zoo/finetuned/{{{','.join(task_names)}}}.safetensors "
           f"-o {archive.name}")
     t0 = time.perf_counter()
-    tallfmt.encode(zoo.base, zoo.finetunes, archive, lambdas=0.4)
+    tallfmt.encode(zoo.base, zoo.finetunes, archive, lambdas=0.4, overwrite=True)  # the demo owns its workdir
     files = [zoo.base, *zoo.finetunes.values()]
     collection = sum(f.stat().st_size for f in files)
     size = archive.stat().st_size
@@ -457,7 +457,7 @@ def _check_decode(tall: Archive, zoo: Zoo, task: str, out: Path) -> float:
     from safetensors.torch import load_file
 
     out.mkdir(parents=True, exist_ok=True)
-    [path] = tall.decode_to(task, out / f"{task}.safetensors")
+    [path] = tall.decode_to(task, out / f"{task}.safetensors", overwrite=True)
     decoded, original, theta0 = (load_file(str(p)) for p in (path, zoo.finetunes[task], zoo.base))
     if decoded.keys() != original.keys():
         raise DemoCheckFailed(f"decoded tensor names differ from the original's: {sorted(decoded.keys() ^ original.keys())}")
@@ -526,4 +526,4 @@ def _merges(tall: Archive, zoo: Zoo, tasks: list[str], quick: bool) -> None:
     for label, accs in results:
         rows.append([label, *(f"{accs[t]:.1%}" for t in tasks), f"{sum(accs.values()) / len(tasks):.1%}"])
     _echo(_indent("\n".join(text_table(rows, "l" + "r" * (len(tasks) + 1)))))
-    _echo("   same as: tallfmt merge zoo.tall --method consensus --k 2 --alpha A -o merged.safetensors")
+    _echo("   same as: tallfmt merge zoo.tall --merge consensus --k 2 --alpha A -o merged.safetensors")

@@ -34,6 +34,11 @@ class InputError(TallError, ValueError):
     """Bad input to encode/merge/decode: missing files, mismatched checkpoints, NaN/Inf, bad parameters."""
 
 
+class TallWarning(UserWarning):
+    """Something a user should know that is not an error: a merge that cannot merge some tensors, a
+    consensus k above the number of tasks. The CLI prints each as one line, ``tallfmt: warning: ...``."""
+
+
 def check_count(value: Any, name: str) -> int:
     """``value`` as a non-negative int (numpy integers too, bools refused), else InputError naming it."""
     if isinstance(value, bool) or type(value).__name__ == "bool_":

@@ -4,12 +4,15 @@ its plot. Header-only: nothing here imports torch."""
 
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tallfmt.errors import InputError
+from tallfmt.format.atomic import write_atomic
 from tallfmt.format.dtypes import by_name
+from tallfmt.write.report import RoleSummary, archive_warnings
 
 if TYPE_CHECKING:
     from tallfmt.read.archive import Archive
@@ -23,6 +26,11 @@ def human_bytes(n: float) -> str:
         n /= 1024
     raise AssertionError("unreachable")
 
+
+
+def plural(n: int, word: str) -> str:
+    """'1 task', '3 tasks'."""
+    return f"{n:,} {word}{'' if n == 1 else 's'}"
 
 
 def pct(x: float | None) -> str:
@@ -78,6 +86,7 @@ def summary(zoo: Archive) -> dict[str, Any]:
         info = zoo.task_info(t)
         tasks.append({"name": t, "lambda": info.get("lambda"), "mask_density": info.get("mask_density"),
                       "rel_error": info.get("rel_error"), "cosine": info.get("cosine")})
+    files = header.files
     return {
         "path": str(zoo.path),
         "format_version": list(header.version),
@@ -97,6 +106,10 @@ def summary(zoo: Archive) -> dict[str, Any]:
                           "formula": "(64+T)*P' + 32*F bits, + per-task tensors raw",
                           "ratio": paper / total if total else None},
         "metadata": dict(header.metadata),
+        "files": None if files is None else {
+            "distinct": len(files.blobs), "bytes": files.content_bytes, "stored_bytes": files.stored_bytes,
+            "base": files.names(None), "tasks": {t: files.names(i) for i, t in enumerate(zoo.tasks)}},
+        "warnings": archive_warnings(RoleSummary.of(header.tensors), {t["name"]: t for t in tasks}),
     }
 
 
@@ -159,6 +172,15 @@ def format_summary(s: dict[str, Any]) -> str:
     if s["metadata"]:
         out.append("")
         out.append("metadata: " + ", ".join(f"{k}={v}" for k, v in s["metadata"].items()))
+    if s["files"]:
+        f = s["files"]
+        out += ["", f"files: {plural(f['distinct'], 'distinct file')}, {human_bytes(f['bytes'])} "
+                    f"({human_bytes(f['stored_bytes'])} in the header), written by decode and merge to a folder"]
+        groups: dict[tuple[str, ...], list[str]] = {}
+        for who, names in [("θ0", f["base"]), *f["tasks"].items()]:
+            groups.setdefault(tuple(names), []).append(who)
+        for names, who in groups.items():
+            out.append(f"  {', '.join(who)}: {', '.join(names) or '(none)'}")
     return "\n".join(out)
 
 
@@ -194,12 +216,37 @@ def agreement_table(counts: list[int]) -> list[dict[str, Any]]:
     return rows
 
 
-def plot_agreement(path: Path, title: str, rows: list[dict[str, Any]], tasks: list[dict[str, Any]]) -> None:
+def check_plot_path(path: Path, overwrite: bool) -> str:
+    """The image format an agreement plot at ``path`` is written in (its suffix; PNG without one),
+    after refusing, as one InputError each: no matplotlib, a format it cannot write, a missing
+    folder, an existing file without ``overwrite``."""
     try:
-        from matplotlib.figure import Figure
-        from matplotlib.patches import Patch
+        from matplotlib.backend_bases import FigureCanvasBase
     except ImportError:
         raise InputError("plotting needs matplotlib: pip install 'tallfmt[plot]'") from None
+    fmt = path.suffix.lower().lstrip(".") or "png"
+    known = FigureCanvasBase.get_supported_filetypes()
+    if fmt not in known:
+        raise InputError(f"{path}: cannot draw a {path.suffix!r} image; name a file ending in one of "
+                         f"{', '.join('.' + k for k in sorted(known))}")
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise InputError(f"{path}: folder {folder} does not exist")
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder")
+    if path.exists() and not overwrite:
+        raise InputError(f"{path}: already exists (pass --force to replace it)")
+    return fmt
+
+
+def plot_agreement(path: Path, title: str, rows: list[dict[str, Any]], tasks: list[dict[str, Any]],
+                   fmt: str | None = None, overwrite: bool = False) -> None:
+    """Draw the agreement histogram and per-task mask density into exactly ``path`` (atomically), in
+    ``fmt`` (default: :func:`check_plot_path`'s choice)."""
+    fmt = fmt or check_plot_path(path, overwrite)
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+
     colors = {"catastrophic": "#c0392b", "selfish": "#e67e22", "general": "#2e86c1", "universal": "#27ae60"}
     fig = Figure(figsize=(11, 4.2), layout="constrained")
     ax1, ax2 = fig.subplots(1, 2, width_ratios=[3, 2])
@@ -218,4 +265,6 @@ def plot_agreement(path: Path, title: str, rows: list[dict[str, Any]], tasks: li
     ax2.set_xlabel("% of masked parameters kept")
     ax2.set_title("mask density per task")
     fig.suptitle(title)
-    fig.savefig(path, dpi=110)
+    buf = io.BytesIO()
+    fig.savefig(buf, format=fmt, dpi=110)
+    write_atomic(path, buf.getvalue())

@@ -80,9 +80,9 @@ OTHER_DTYPES: tuple[str, ...] = ("I64", "I32", "U8", "BOOL", "F64")
 
 # Encode options that change what an archive holds, and those that must not (codec, device, chunking).
 _MATH_OPTIONS = ("merge", "lambdas", "ties_density", "ties_agg", "ties_scope", "mask_method",
-                 "mask_density", "mask_scope", "mismatch", "metadata", "per_task")
+                 "mask_density", "mask_scope", "mismatch", "metadata", "per_task", "dtype", "prefix_map")
 _NEUTRAL_OPTIONS = ("codec", "device", "overwrite", "chunk_size", "progress", "shards", "max_shard_size",
-                    "scheduler", "retries", "threads")
+                    "scheduler", "retries", "threads", "files")
 # Batch-norm statistics, named as torch names them: the encoder's default per-task globs match these.
 _BATCH_NORM = (".running_mean", ".running_var", ".num_batches_tracked")
 
@@ -165,8 +165,8 @@ def state_dicts(draw: st.DrawFn, *, min_tensors: int = 0, max_tensors: int = 6,
     return out
 
 
-def _mismatched(base: Mapping[str, Tensor], tasks: Mapping[str, Mapping[str, Tensor]]) -> list[str]:
-    """Names whose presence, dtype or shape differ between the base and the tasks (FORMAT §2)."""
+def _differing(base: Mapping[str, Tensor], tasks: Mapping[str, Mapping[str, Tensor]]) -> list[str]:
+    """Names whose presence, dtype or shape differ between the base and the tasks."""
     seen = {n: None for sd in (base, *tasks.values()) for n in sd}
     bad = []
     for n in seen:
@@ -174,6 +174,35 @@ def _mismatched(base: Mapping[str, Tensor], tasks: Mapping[str, Mapping[str, Ten
         if len(infos) > 1 or None in infos:
             bad.append(n)
     return bad
+
+
+def _partial_ties(base: Mapping[str, Tensor], tasks: Mapping[str, Mapping[str, Tensor]]) -> dict[str, str]:
+    """FORMAT §2: names missing from some checkpoints that, in every checkpoint holding them, are the
+    same memory as one tensor that every checkpoint has and whose dtype and shape agree everywhere
+    (save_pretrained leaves tied copies out): {name: that tensor}."""
+    cks = [base, *tasks.values()]
+    differing = set(_differing(base, tasks))
+    first: list[dict[tuple, str]] = [{} for _ in cks]
+    for n in dict.fromkeys(n for sd in cks for n in sd):
+        if n not in differing:
+            for f, ck in zip(first, cks):
+                k = _storage_key(ck[n])
+                if k is not None:
+                    f.setdefault(k, n)
+    tied = {}
+    for n in differing:
+        found = {first[i].get(_storage_key(ck[n])) if _storage_key(ck[n]) is not None else None
+                 for i, ck in enumerate(cks) if n in ck}
+        if len(found) == 1 and None not in found:
+            tied[n] = found.pop()
+    return tied
+
+
+def _mismatched(base: Mapping[str, Tensor], tasks: Mapping[str, Mapping[str, Tensor]]) -> list[str]:
+    """Names whose presence, dtype or shape differ between the base and the tasks (FORMAT §2), but for
+    tied copies some checkpoints leave out (those are aliases)."""
+    tied = _partial_ties(base, tasks)
+    return [n for n in _differing(base, tasks) if n not in tied]
 
 
 class CheckpointCollection(NamedTuple):
@@ -247,7 +276,8 @@ def checkpoint_collections(draw: st.DrawFn, min_tasks: int = 1, max_tasks: int =
     * ``non_float``: ``other_dtypes`` buffers (integers, bool, float64) that differ between tasks;
     * ``per_task``: tensors absent from the base or some tasks, or of another shape or dtype in some
       task — encode them with ``mismatch="per_task"`` (``collection.encode_kwargs`` says so);
-    * ``tied``: an extra name that is the same tensor object as another in every checkpoint;
+    * ``tied``: an extra name that is the same tensor object as another in every checkpoint that has
+      it (with ``per_task``, some may leave it out, as ``save_pretrained`` leaves out tied weights);
     * ``noncontiguous``: some 2-D tensors are transposed views;
     * ``batch_norm``: batch-norm statistics (``<name>.running_mean`` / ``.running_var`` float,
       ``.num_batches_tracked`` I64) that each task changes, which the encoder's default ``per_task``
@@ -306,8 +336,14 @@ def checkpoint_collections(draw: st.DrawFn, min_tasks: int = 1, max_tasks: int =
         for tie in tensor_names[len(specs):]:
             if targets and draw(st.booleans()):
                 target = draw(st.sampled_from(targets))
-                for sd in (base, *tasks.values()):
-                    sd[tie] = sd[target]
+                holders = [base, *tasks.values()]
+                # with per_task: a tied copy some checkpoints leave out, as save_pretrained does
+                kept = draw(st.lists(st.booleans(), min_size=len(holders), max_size=len(holders)))
+                if not per_task or not any(kept) or draw(st.booleans()):
+                    kept = [True] * len(holders)
+                for sd, keep in zip(holders, kept):
+                    if keep:
+                        sd[tie] = sd[target]
     if draw(st.booleans()):  # the tasks need not list their tensors in the base's order
         order = draw(st.permutations(list(base)))
         for t in task_names:
@@ -348,11 +384,11 @@ def encode_options(draw: st.DrawFn, task_names: Sequence[str], *,
                    mask_methods: Sequence[str] = ("tall", "magnitude"),
                    codecs: Sequence[str] = ("auto", "raw", "zstd", "byteplane-zstd"),
                    chunk_sizes: Sequence[int | None] = (None, 8, 16, 64),
-                   per_task_globs: Sequence[tuple[str, ...] | None] = (None, (), ("*running_*",))
-                   ) -> dict[str, Any]:
+                   per_task_globs: Sequence[tuple[str, ...] | None] = (None, (), ("*running_*",)),
+                   dtypes: Sequence[str | None] = (None,)) -> dict[str, Any]:
     """Keyword arguments for ``tallfmt.encode``: merge and its TIES parameters, λ (one float or one
-    per task, including 1.0 where TALL masks tie), mask method, codec, chunk size and per-task globs
-    (None: the default).
+    per task, including 1.0 where TALL masks tie), mask method, codec, chunk size, per-task globs
+    (None: the default) and the storage dtype every float tensor is cast to (``dtypes``; None: none).
 
         >>> encode_options(["a", "b"]).example()                                 # doctest: +SKIP
         {'merge': 'ties', 'ties_density': 0.5, ..., 'lambdas': {'a': 1.0, 'b': 0.4}, ...}
@@ -375,6 +411,9 @@ def encode_options(draw: st.DrawFn, task_names: Sequence[str], *,
     globs = draw(st.sampled_from(list(per_task_globs)))
     if globs is not None:
         kw["per_task"] = globs
+    dtype = draw(st.sampled_from(list(dtypes)))
+    if dtype is not None:
+        kw["dtype"] = dtype
     return kw
 
 
@@ -559,6 +598,7 @@ class Reference:
                 if t.dtype.is_floating_point and not bool(torch.isfinite(t).all()):
                     raise AssertionError(f"{label}: tensor {n!r} holds NaN or Inf, so encode should have "
                                          f"refused it")
+        tied = _partial_ties(self.base, self.task_sds)
         mismatched = set(_mismatched(self.base, self.task_sds))
         if mismatched and self.options["mismatch"] != "per_task":
             raise AssertionError(f"the inputs differ in presence, dtype or shape of {sorted(mismatched)}, "
@@ -569,6 +609,9 @@ class Reference:
         for n in self.names:
             if n in mismatched:
                 roles[n] = "per_task"
+                continue
+            if n in tied:
+                roles[n] = "alias"
                 continue
             keys = tuple(_storage_key(ck[n]) for ck in cks)
             if None not in keys:
@@ -583,6 +626,8 @@ class Reference:
                 roles[n] = "masked"
             else:  # FORMAT §2: differing non-floats, and floats named like a per-task glob
                 roles[n] = "per_task"
+        for n, t in tied.items():
+            targets[n] = targets[t] if roles[t] == "alias" else t
         return roles, targets
 
     # --- τ_MTL and masks (§4.1–4.3) ----------------------------------------------------------------
@@ -731,7 +776,42 @@ def reference(base: Any, tasks: Mapping[str, Any], **encode_kwargs: Any) -> Refe
         >>> ref.roles, ref.decode("a")["w"], ref.masks["a"]["w"]
         ({'w': 'masked'}, tensor([0.5000, 0.0000]), tensor([True, True]))
     """
-    return Reference(_load(base), {t: _load(sd) for t, sd in tasks.items()}, _options(encode_kwargs))
+    o = _options(encode_kwargs)
+    return Reference(_as_encoded(_load(base), o["dtype"], o["prefix_map"]),
+                     {t: _as_encoded(_load(sd), o["dtype"], None) for t, sd in tasks.items()}, o)
+
+
+_CAST = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "BFLOAT16": torch.bfloat16,
+         "FLOAT16": torch.float16, "FLOAT32": torch.float32, "FP16": torch.float16, "FP32": torch.float32}
+
+
+def _as_encoded(sd: dict[str, Tensor], dtype: Any, prefix_map: Mapping[str, str] | None) -> dict[str, Tensor]:
+    """A checkpoint as ``encode(dtype=, prefix_map=)`` sees it (FORMAT §4.1): names starting with a
+    key of ``prefix_map`` (the longest) start with its value instead; every float tensor cast to
+    ``dtype`` (one rounding to nearest even), tied tensors still one object."""
+    if prefix_map:
+        keys = sorted(prefix_map, key=len, reverse=True)
+        renamed = {}
+        for n, t in sd.items():
+            old = next((k for k in keys if n.startswith(k)), None)
+            renamed[n if old is None else prefix_map[old] + n[len(old):]] = t
+        sd = renamed
+    if dtype is None:
+        return sd
+    target = _CAST[str(dtype).upper()]
+    cast: dict[Any, Tensor] = {}
+    out = {}
+    for n, t in sd.items():
+        if not t.dtype.is_floating_point or t.dtype == target:
+            out[n] = t
+            continue
+        key = _storage_key(t) or id(t)
+        if key not in cast:
+            cast[key] = t.to(target)
+            if bool(torch.isfinite(t).all()) and not bool(torch.isfinite(cast[key]).all()):
+                raise AssertionError(f"tensor {n!r} overflows {dtype}, so encode should have refused it")
+        out[n] = cast[key]
+    return out
 
 
 # ==================================================================================================
@@ -867,22 +947,28 @@ def _check_stored(zoo: Any, ref: Reference, where: str) -> None:
     """θ0 (the zeroshot merge) and τ_MTL as stored. τ_MTL is compared by value: the encoder sums from
     +0.0 (0 + τ_1 + …) where FORMAT writes τ_1 + …, which differs only in the sign of some zeros —
     invisible in every decode and merge, since such a zero is always added to θ0 = +0.0."""
-    assert_state_dicts_equal(zoo.merge("zeroshot"), ref.merge("zeroshot"), f"{where}: θ0 (merge('zeroshot'))")
+    assert_state_dicts_equal(_merge(zoo, "zeroshot"), ref.merge("zeroshot"), f"{where}: θ0 (merge('zeroshot'))")
     for n, m in ref._masked.items():
         tau = zoo.tau(n).reshape(-1)
         if tau.shape != m.tau_mtl.shape or bool((tau != m.tau_mtl).any()):
             assert_tensors_equal(tau, m.tau_mtl, f"{where}: stored τ_MTL of {n!r}")
 
 
+def _merge(zoo: Any, method: str, **params: Any) -> dict[str, Tensor]:
+    # the warnings say what the merge does with per-task tensors, or that k = T + 1 gives θ0: the
+    # reference is checked against exactly that
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return zoo.merge(method, **params)
+
+
 def _check_merges(zoo: Any, ref: Reference, where: str, alphas: Sequence[float], ks: Sequence[int] | None) -> None:
     for a in alphas:
-        assert_state_dicts_equal(zoo.merge("task_arithmetic", alpha=a), ref.merge("task_arithmetic", alpha=a),
+        assert_state_dicts_equal(_merge(zoo, "task_arithmetic", alpha=a), ref.merge("task_arithmetic", alpha=a),
                                  f"{where}: merge('task_arithmetic', alpha={a})")
     alpha = alphas[0] if alphas else 0.4
     for k in (range(len(ref.tasks) + 2) if ks is None else ks):
-        with warnings.catch_warnings():  # k = T + 1 on purpose: the merge must then be θ0
-            warnings.simplefilter("ignore", UserWarning)
-            merged = zoo.merge("consensus", k=k, alpha=alpha)
+        merged = _merge(zoo, "consensus", k=k, alpha=alpha)
         assert_state_dicts_equal(merged, ref.merge("consensus", k=k, alpha=alpha),
                                  f"{where}: merge('consensus', k={k}, alpha={alpha})")
 
@@ -914,13 +1000,14 @@ def assert_archives_equal(a: Any, b: Any, *, check_alphas: Sequence[float] = (0.
             _compare_entries(za, zb, ea, rows_b[ea.name], where)
         for t in za.tasks:
             assert_state_dicts_equal(za.decode(t), zb.decode(t), f"{where}: decode({t!r})")
-        assert_state_dicts_equal(za.merge("zeroshot"), zb.merge("zeroshot"), f"{where}: merge('zeroshot')")
+        assert_state_dicts_equal(_merge(za, "zeroshot"), _merge(zb, "zeroshot"), f"{where}: merge('zeroshot')")
         for alpha in check_alphas:
-            assert_state_dicts_equal(za.merge("task_arithmetic", alpha=alpha), zb.merge("task_arithmetic", alpha=alpha),
+            assert_state_dicts_equal(_merge(za, "task_arithmetic", alpha=alpha),
+                                     _merge(zb, "task_arithmetic", alpha=alpha),
                                      f"{where}: merge('task_arithmetic', alpha={alpha})")
             for k in range(len(za.tasks) + 2):
-                assert_state_dicts_equal(za.merge("consensus", k=k, alpha=alpha),
-                                         zb.merge("consensus", k=k, alpha=alpha),
+                assert_state_dicts_equal(_merge(za, "consensus", k=k, alpha=alpha),
+                                         _merge(zb, "consensus", k=k, alpha=alpha),
                                          f"{where}: merge('consensus', k={k}, alpha={alpha})")
         assert_tensors_equal(za.agreement(), zb.agreement(), f"{where}: agreement()")
 

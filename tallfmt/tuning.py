@@ -54,7 +54,7 @@ def select_lambdas(base: Any, tasks: Mapping[str, Any], evaluate: Callable[[str,
     with tempfile.TemporaryDirectory(dir=workdir, prefix="tallfmt-lambdas-") as tmp:
         for lam in values:
             path = Path(tmp) / "sweep.tall"
-            encode(base, tasks, path, lambdas=lam, **encode_kwargs)
+            encode(base, tasks, path, lambdas=lam, overwrite=True, **encode_kwargs)
             with open_archive(path) as zoo:
                 for t in zoo.tasks:
                     table[t][lam] = float(evaluate(t, zoo.decode(t)))

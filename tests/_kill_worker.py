@@ -68,7 +68,7 @@ def _child(job: dict, spec: dict) -> None:
     for name in ("fsync", "chmod", "replace"):
         setattr(os, name, hooked(name, getattr(os, name)))
     Path(job["go"]).write_text("go")  # the encode starts now
-    tallfmt.encode(base, tasks, spec["target"])
+    tallfmt.encode(base, tasks, spec["target"], overwrite=True)
     if job.get("events"):
         Path(job["events"]).write_text(json.dumps(events))
 

@@ -13,7 +13,7 @@ import torch
 
 from tallfmt import kernels
 from tallfmt.compute import maskmath
-from tallfmt.compute.tensors import to_numpy, to_torch, torch_dtype
+from tallfmt.compute.tensors import to_torch
 from tallfmt.format import dtypes
 from tallfmt.errors import InputError
 

@@ -100,7 +100,8 @@ def test_encode_refuses_to_overwrite_without_force(zoo: Path, tmp_path: Path) ->
     args = ("encode", str(zoo / "base.safetensors"), str(zoo / "sst2.safetensors"), "-o", str(target))
     proc = run(*args, cwd=tmp_path, ok=False)
     assert proc.returncode == 1
-    assert proc.stderr.strip().splitlines() == [f"tallfmt: error: {target} exists; pass --force to overwrite it"]
+    assert proc.stderr.strip().splitlines() == [
+        f"tallfmt: error: {target}: already exists (pass overwrite=True / --force to replace it)"]
     assert target.read_bytes() == b"precious"
     run(*args, "--force", "--name", "only", "--merge", "ties", "--ties-density", "0.5", cwd=tmp_path)
     with tallfmt.open(target) as z:
@@ -247,15 +248,15 @@ def test_decode_to_a_sharded_folder_and_quiet(zoo: Path, tmp_path: Path) -> None
 
 
 def test_merge_equals_the_api(zoo: Path, tmp_path: Path) -> None:
-    run("merge", str(zoo / "zoo.tall"), "--method", "consensus", "--k", "2", "--alpha", "0.7",
+    run("merge", str(zoo / "zoo.tall"), "--merge", "consensus", "--k", "2", "--alpha", "0.7",
         "-o", "merged.safetensors", cwd=tmp_path)
-    run("merge", str(zoo / "zoo.tall"), "--method", "task_arithmetic", "-o", "ta.safetensors", cwd=tmp_path)
+    run("merge", str(zoo / "zoo.tall"), "--merge", "task_arithmetic", "-o", "ta.safetensors", cwd=tmp_path)
     with tallfmt.open(zoo / "zoo.tall") as z:
         for file, want in (("merged.safetensors", z.merge("consensus", k=2, alpha=0.7)),
                            ("ta.safetensors", z.merge("task_arithmetic"))):
             got = load_file(str(tmp_path / file))
             assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), file
-    proc = run("merge", str(zoo / "zoo.tall"), "--method", "zeroshot", "--alpha", "1", "-o", "z.safetensors",
+    proc = run("merge", str(zoo / "zoo.tall"), "--merge", "zeroshot", "--alpha", "1", "-o", "z.safetensors",
                cwd=tmp_path, ok=False)
     assert proc.returncode == 2
 

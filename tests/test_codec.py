@@ -111,7 +111,7 @@ def test_roundtrip_hand_made_ties_and_signed_zeros(tmp_path):
                dict(merge="ties", ties_density=0.5, lambdas=1.0),
                dict(merge="ties", ties_density=0.5, ties_agg="mean", ties_scope="per_tensor"),
                dict(mask_method="magnitude", mask_density=0.5)):
-        tallfmt.encode(base, tasks, tmp_path / "zoo.tall", **kw)
+        tallfmt.encode(base, tasks, tmp_path / "zoo.tall", overwrite=True, **kw)
         assert_roundtrip(base, tasks, tmp_path / "zoo.tall", **kw)
     ref = reference(base, tasks, lambdas=1.0)
     # τ_a = [.25, 0, .25, .25, −0, .25], τ_b = [−.25, .25, −.25, .25, 0, 0], τ_MTL = [0, .25, 0, .5, 0, .25]:
@@ -124,7 +124,7 @@ def test_roundtrip_hand_made_ties_and_signed_zeros(tmp_path):
 
 def test_empty_collection_and_single_scalar(tmp_path):
     for base, tasks in (({}, {"a": {}}), ({"s": torch.tensor(1.0)}, {"a": {"s": torch.tensor(-1.0)}})):
-        tallfmt.encode(base, tasks, tmp_path / "zoo.tall")
+        tallfmt.encode(base, tasks, tmp_path / "zoo.tall", overwrite=True)
         assert_roundtrip(base, tasks, tmp_path / "zoo.tall")
 
 

@@ -47,7 +47,7 @@ def test_reader_decodes_golden_bit_exactly(case: str) -> None:
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_writer_reproduces_golden_byte_for_byte(case: str, tmp_path: Path) -> None:
-    base, tasks = make_golden.load_inputs(case)
+    base, tasks = make_golden.sources(case, tmp_path / "inputs")
     out = tmp_path / f"{case}.tall"
     tallfmt.encode(base, tasks, out, **CASES[case]["options"])
     assert out.read_bytes() == (GOLDEN / f"{case}.tall").read_bytes()
@@ -61,6 +61,43 @@ def test_golden_headers_match_schema(case: str) -> None:
         jsonschema.validate(r.header.to_json(), schema)
         raw = (GOLDEN / f"{case}.tall").read_bytes()[r.header_offset:]
         jsonschema.validate(json.loads(raw), schema)
+
+
+def test_files_golden_is_version_1_1_and_the_others_1_0() -> None:
+    for case in CASES:
+        with ContainerReader(GOLDEN / f"{case}.tall") as r:
+            assert r.header.version == ((1, 1) if "folders" in CASES[case] else (1, 0)), case
+    want = load_file(str(GOLDEN / "files.expected.safetensors"))
+    for model, files in CASES["files"]["folders"].items():
+        for name, text in files.items():
+            assert bytes(want[f"file/{model}/{name}"].numpy()) == text.encode(), (model, name)
+
+
+def test_files_golden_decodes_by_hand() -> None:
+    """FORMAT.md §10 alone is enough: base64, then raw or one zstd frame, then the XXH3-64."""
+    import base64
+    import struct
+
+    import xxhash
+    import zstandard
+
+    raw = (GOLDEN / "files.tall").read_bytes()
+    _, _, minor, _, h_off, h_len = struct.unpack_from("<8sHHIQQ", raw)
+    header = json.loads(raw[h_off:h_off + h_len])
+    assert minor == 1 and header["version"] == [1, 1]
+    files = header["files"]
+    for model, names in [("base", files["base"]), *zip(header_task_names(header), files["tasks"])]:
+        for name, i in names.items():
+            blob = files["blobs"][i]
+            data = base64.b64decode(blob["data"])
+            if blob["codec"] == "zstd":
+                data = zstandard.ZstdDecompressor().decompress(data)
+            assert len(data) == blob["size"] and xxhash.xxh3_64_hexdigest(data) == blob["xxh3"]
+            assert data.decode() == CASES["files"]["folders"][model][name]
+
+
+def header_task_names(header: dict) -> list[str]:
+    return [t["name"] for t in header["tasks"]]
 
 
 def test_minimal_golden_decodes_by_hand() -> None:

@@ -26,7 +26,6 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
 import zstandard
@@ -35,7 +34,7 @@ from safetensors.torch import save_file
 import _fuzz_worker as fw
 import _tallcraft as tc
 import tallfmt
-from tallfmt.format import atomic, container
+from tallfmt.format import atomic
 from tallfmt.format.container import ContainerReader, ContainerWriter
 from tallfmt.format.header import MAX_TENSORS, Header, TaskEntry, TensorEntry
 from tallfmt.errors import FormatError, InputError, LimitError, TallError, WriteError
@@ -280,7 +279,7 @@ def test_disk_full_during_encode(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     _install_full_disk(monkeypatch, n)
     base, tasks = _zoo()
     with pytest.raises(WriteError) as info:
-        tallfmt.encode(base, tasks, target)
+        tallfmt.encode(base, tasks, target, overwrite=True)
     err = info.value
     assert isinstance(err, TallError) and isinstance(err, OSError) and err.errno == errno.ENOSPC
     assert str(target) in str(err) and "No space left" in str(err)
@@ -293,7 +292,7 @@ def test_disk_full_and_close_failing_too(tmp_path: Path, monkeypatch: pytest.Mon
     _install_full_disk(monkeypatch, 500, close_fails=True)
     base, tasks = _zoo()
     with pytest.raises(WriteError, match="No space left"):
-        tallfmt.encode(base, tasks, target)
+        tallfmt.encode(base, tasks, target, overwrite=True)
     assert _folder_state(tmp_path) == before
 
 
@@ -307,7 +306,7 @@ def test_failing_fsync_rename_chmod(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(atomic.os, call, fail)
     base, tasks = _zoo()
     with pytest.raises(WriteError) as info:
-        tallfmt.encode(base, tasks, target)
+        tallfmt.encode(base, tasks, target, overwrite=True)
     monkeypatch.undo()
     assert info.value.errno == err and str(target) in str(info.value)
     assert _folder_state(tmp_path) == before
@@ -373,7 +372,7 @@ def test_archive_replaced_while_open_keeps_serving_the_old_handle(tmp_path: Path
         base2, tasks2 = _zoo(2, ("x", "y"))
         tallfmt.encode(base2, tasks2, tmp_path / "other.tall")
         os.replace(tmp_path / "other.tall", path)               # replaced by rename, as encode does
-        tallfmt.encode(base2, tasks2, path)                     # and by encode itself over the open file
+        tallfmt.encode(base2, tasks2, path, overwrite=True)     # and by encode itself over the open file
         assert {t: fw.state_digest(old.decode(t)) for t in old.tasks} == before
         assert fw.state_digest(old.merge("task_arithmetic")) == merged
         old.verify()

@@ -1,8 +1,9 @@
 """Codecs and merge methods registered by a user's package show up in the CLI: `encode --codec`,
-`info`, `merge --method` and the merge's own options, all built from the registries."""
+`info`, `merge --merge` and the merge's own options, all built from the registries."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -54,13 +55,14 @@ def plugin(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: tallfmt-plug\nVersion: 0.1\n")
     (info / "entry_points.txt").write_text("[tallfmt.codecs]\nxor5a = tallfmt_plug:CODEC\n\n"
                                            "[tallfmt.merges]\nscaled_sum = tallfmt_plug:METHOD\n")
-    return {"PYTHONPATH": str(root)}
+    # the plugin first, then the caller's entries (replacing them would import another tallfmt)
+    return {"PYTHONPATH": os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH")) if p)}
 
 
 def test_plugins_show_up_in_help(plugin: dict[str, str], tmp_path: Path) -> None:
     assert "xor5a" in run("encode", "--help", cwd=tmp_path, env=plugin).stdout
     merge_help = " ".join(run("merge", "--help", cwd=tmp_path, env=plugin).stdout.split())
-    assert "scaled_sum" in merge_help and "--scale" in merge_help and "scaled_sum: 0.25" in merge_help
+    assert "scaled_sum" in merge_help and "--scale" in merge_help and "(scaled_sum; default 0.25)" in merge_help
     assert "xor5a" not in run("encode", "--help", cwd=tmp_path).stdout  # not installed: not offered
 
 
@@ -70,7 +72,7 @@ def test_plugin_codec_and_merge_work_end_to_end(plugin: dict[str, str], tmp_path
     run("encode", str(paths["base"]), *fts, "-o", "zoo.tall", "--codec", "xor5a", cwd=tmp_path, env=plugin)
     info = run("info", "zoo.tall", cwd=tmp_path, env=plugin).stdout
     assert "xor5a" in info
-    run("merge", "zoo.tall", "--method", "scaled_sum", "--scale", "0.5", "-o", "m.safetensors", cwd=tmp_path, env=plugin)
+    run("merge", "zoo.tall", "--merge", "scaled_sum", "--scale", "0.5", "-o", "m.safetensors", cwd=tmp_path, env=plugin)
     run("merge", "zoo.tall", "--method", "task_arithmetic", "--alpha", "0.5", "-o", "ta.safetensors", cwd=tmp_path,
         env=plugin)
     from safetensors.torch import load_file
@@ -80,4 +82,4 @@ def test_plugin_codec_and_merge_work_end_to_end(plugin: dict[str, str], tmp_path
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # θ0 + 0.5·τ either way
     bad = run("merge", "zoo.tall", "--method", "scaled_sum", "--alpha", "0.5", "-o", "x.safetensors", cwd=tmp_path,
               env=plugin, ok=False)
-    assert bad.returncode == 2 and "--alpha does not apply to --method scaled_sum" in bad.stderr
+    assert bad.returncode == 2 and "--alpha does not apply to --merge scaled_sum" in bad.stderr

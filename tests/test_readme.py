@@ -69,15 +69,28 @@ def test_the_demo_command_runs() -> None:
     assert "6. Verifying" in proc.stdout and "Done in" in proc.stdout
 
 
+def hf_block() -> str:
+    """The "Hugging Face models" example: it builds the folders the section's commands use."""
+    [block] = [b for b in code_blocks("python") if "from transformers" in b]
+    return block
+
+
+def run_python(source: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", source], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
 def test_every_cli_example_runs(tmp_path: Path) -> None:
     make_checkpoints(tmp_path)
+    assert run_python(hf_block(), tmp_path).returncode == 0
     commands = [c for c in shell_commands() if c.startswith("tallfmt ")]
-    assert len(commands) >= 8
+    assert len(commands) >= 11
     for cmd in commands:
         proc = shell(cmd, tmp_path)
         assert proc.returncode == 0, f"{cmd}\n{proc.stdout}{proc.stderr}"
     assert (tmp_path / "agreement.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / "mnli-model" / "model.safetensors").exists()
+    for folder in ("bert-mnli-decoded", "bert-merged"):
+        assert {p.name for p in (tmp_path / folder).iterdir()} == {"config.json", "model.safetensors"}, folder
 
 
 @pytest.mark.parametrize("index", range(len(code_blocks("python"))))
@@ -85,11 +98,18 @@ def test_python_example_runs(tmp_path: Path, index: int) -> None:
     make_checkpoints(tmp_path)
     source = code_blocks("python")[index]
     assert len(source.strip().splitlines()) <= 12, "the README's example should stay about 10 lines"
-    proc = subprocess.run([sys.executable, "-c", source], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    proc = run_python(source, tmp_path)
     assert proc.returncode == 0, proc.stderr
-    # what the example prints is what the archive it wrote holds
+    import json
+
     import tallfmt
 
+    if source == hf_block():  # decoded with its own config, loaded by from_pretrained: 3 labels
+        assert proc.stdout.split() == ["3"]
+        assert json.loads((tmp_path / "mnli-decoded" / "config.json").read_text())["id2label"] == \
+            json.loads((tmp_path / "bert-mnli" / "config.json").read_text())["id2label"]
+        return
+    # what the example prints is what the archive it wrote holds
     with tallfmt.open(tmp_path / "zoo.tall") as zoo:
         assert proc.stdout.strip().splitlines()[-1] == f"{zoo.tasks} {zoo.agreement().tolist()}"
         assert sum(zoo.agreement().tolist()) == sum(e.numel for e in zoo.header.tensors if e.role == "masked") > 0

@@ -53,7 +53,6 @@ import math
 import platform
 import re
 import shlex
-import tempfile
 import time
 from typing import Any, Callable, Iterable, Mapping
 
@@ -382,7 +381,8 @@ class Run:
             except tallfmt.TallError:
                 pass
         t = time.perf_counter()
-        rep = tallfmt.encode(self.base, self.ft, path, metadata={"zoo_eval_key": k}, **encode_kwargs)
+        rep = tallfmt.encode(self.base, self.ft, path, metadata={"zoo_eval_key": k}, overwrite=True,
+                             **encode_kwargs)
         log(f"archive {name}: {rep.archive_bytes:,} bytes ({rep.ratio:.2f}× smaller than the raw collection) "
             f"in {time.perf_counter() - t:.1f} s")
         self.archives[name] = path
@@ -874,7 +874,7 @@ def write_outputs(res: dict, out: Path, results_path: Path, plot_path: Path, com
     ag = res["agreement"]["tall_ta"]
     T = len(res["tasks"])
     plot_agreement(plot_path, f"TALL masks (λ per task) on τ_MTL of task arithmetic: {T} tasks, "
-                   f"{sum(ag['counts']):,} masked parameters", ag["rows"], ag["mask"])
+                   f"{sum(ag['counts']):,} masked parameters", ag["rows"], ag["mask"], overwrite=True)
     res["plot"] = os.path.relpath(plot_path, results_path.parent)
     section = render(res, command, date)
     (out / "report.md").write_text(section, encoding="utf-8")
@@ -892,7 +892,7 @@ def main(argv: list[str] | None = None) -> None:
                     help=f"select λ and α on {QUICK.lambda_val_max} validation examples per task, λ grid "
                          f"{QUICK.lambda_grid}, α grid {QUICK.alpha_grid}")
     ap.add_argument("--lambda-val-max", type=int, default=None,
-                    help=f"validation examples per task for λ selection (default: all)")
+                    help="validation examples per task for λ selection (default: all)")
     ap.add_argument("--alpha-val-max", type=int, default=None,
                     help=f"validation examples per task for α selection (default: {Settings.alpha_val_max}; "
                          f"0: all)")

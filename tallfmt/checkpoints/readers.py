@@ -21,6 +21,7 @@ from __future__ import annotations
 import mmap
 import os
 import pickle
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
@@ -394,10 +395,17 @@ class _DictCheckpoint(Checkpoint):
 
 
 def _unpickle_reason(exc: BaseException) -> str:
-    for line in str(exc).splitlines():
-        if "WeightsUnpickler error:" in line:
-            return line.split("WeightsUnpickler error:", 1)[1].split(" Please use", 1)[0].strip()
-    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    """torch's useful line: what the weights-only unpickler refused (a blocked global, an opcode)."""
+    text = str(exc)
+    if "WeightsUnpickler error:" in text:
+        rest = text.split("WeightsUnpickler error:", 1)[1]
+        line = next((ln.strip() for ln in rest.splitlines() if ln.strip()), "")
+        line = line.split(" Please use", 1)[0].strip()
+        if line.startswith("Unsupported operand"):
+            line += " (a plain pickle, not a file torch.save wrote?)"
+        if line:
+            return line
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _load_torch(path: Path, label: str | None) -> _DictCheckpoint:
@@ -408,7 +416,9 @@ def _load_torch(path: Path, label: str | None) -> _DictCheckpoint:
         raise InputError(f"{path}: cannot open ({exc.strerror})") from None
     try:
         # mmap only works for the zip format (torch >= 1.6); old files are read into memory
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
+        with warnings.catch_warnings():  # torch's notes on pickle protocols are not the user's concern
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
     except pickle.UnpicklingError as exc:
         raise InputError(f"{path}: refuses to unpickle untrusted code: the file needs more than "
                          f"torch.load(weights_only=True) allows ({_unpickle_reason(exc)}); "

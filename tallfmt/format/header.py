@@ -16,10 +16,13 @@ import xxhash
 from tallfmt.errors import FormatError, LimitError
 from tallfmt.format import dtypes
 from tallfmt.format.codecs import CODECS, MAX_EXPANSION, Buffer
+from tallfmt.format.files import FILES_MINOR, Files, check_files
 from tallfmt.format.jsonio import loads_strict_object
 
 MAGIC = b"\x89TALL\r\n\x1a"
 FORMAT_NAME = "tallfmt"
+#: The version this writer writes and the newest this reader knows: 1.1 stores mask bits as 0 where
+#: τ_MTL = 0 (FORMAT.md §4.3) and added ``files`` (§10).
 MAJOR, MINOR = 1, 1
 PREAMBLE_SIZE = 64
 ALIGN = 64
@@ -154,16 +157,20 @@ class Header:
     encoding: dict[str, Any]
     tensors: tuple[TensorEntry, ...]
     metadata: dict[str, str] = field(default_factory=dict)
-    version: tuple[int, int] = (MAJOR, MINOR)
+    version: tuple[int, int] = (MAJOR, 0)
+    files: Files | None = None               # 1.1: the models' non-weight files (FORMAT.md §10)
 
     @property
     def task_names(self) -> list[str]:
         return [t.name for t in self.tasks]
 
     def to_json(self) -> dict[str, Any]:
-        return {"format": FORMAT_NAME, "version": list(self.version),
-                "tasks": [t.to_json() for t in self.tasks], "encoding": self.encoding,
-                "tensors": [t.to_json() for t in self.tensors], "metadata": dict(self.metadata)}
+        out = {"format": FORMAT_NAME, "version": list(self.version),
+               "tasks": [t.to_json() for t in self.tasks], "encoding": self.encoding,
+               "tensors": [t.to_json() for t in self.tensors], "metadata": dict(self.metadata)}
+        if self.files is not None:
+            out["files"] = self.files.to_json()
+        return out
 
     def to_bytes(self) -> bytes:
         return json.dumps(self.to_json(), ensure_ascii=False, separators=(",", ":"),
@@ -351,7 +358,7 @@ class HeaderChecker:
         return TaskEntry(self.name(o["name"], f"{where}.name"), lam, dict(stats))
 
     def header(self, v: Any) -> Header:
-        o = self.obj(v, "", {"format", "version", "tasks", "encoding", "tensors", "metadata"})
+        o = self.obj(v, "", {"format", "version", "tasks", "encoding", "tensors", "metadata"}, since_1_1(v))
         if o["format"] != FORMAT_NAME:
             raise self.fail("format", f"expected {FORMAT_NAME!r}, got {o['format']!r}")
         ver = self.list_(o["version"], "version", 2)
@@ -381,7 +388,21 @@ class HeaderChecker:
         for k, s in meta.items():
             if not isinstance(s, str):
                 raise self.fail(f"metadata.{k}", "metadata values are strings")
-        return Header(tasks, enc, tensors, dict(meta), version)
+        files = check_files(self, o["files"], len(tasks)) if "files" in o else None
+        return Header(tasks, enc, tensors, dict(meta), version, files)
+
+
+def version_for(files: Files | None) -> tuple[int, int]:
+    """The version a writer gives an index: 1.0, or 1.1 when it holds files (an index holds no masks,
+    so one without files is unchanged for 1.0 readers). Headers are always (MAJOR, MINOR)."""
+    return (MAJOR, FILES_MINOR if files is not None else 0)
+
+
+def since_1_1(v: Any) -> frozenset[str]:
+    """The optional top-level keys of a header or index object, by its version: ``files`` from 1.1."""
+    ver = v.get("version") if isinstance(v, dict) else None
+    ok = isinstance(ver, list) and len(ver) == 2 and all(type(x) is int for x in ver) and ver[1] >= FILES_MINOR
+    return frozenset({"files"}) if ok else frozenset()
 
 
 def _is_unicode(s: str) -> bool:

@@ -17,11 +17,13 @@ from typing import Any
 import xxhash
 
 from tallfmt.errors import ChecksumError, FormatError, InputError, LimitError
-from tallfmt.format.header import MAX_TASKS, MAX_TENSORS, PREAMBLE_SIZE, HeaderChecker, TaskEntry, load_json_object
+from tallfmt.format.files import FILES_MINOR, Files, check_files
+from tallfmt.format.header import (MAX_TASKS, MAX_TENSORS, PREAMBLE_SIZE, HeaderChecker, TaskEntry, load_json_object,
+                                   since_1_1)
 
 INDEX_NAME = "tall.index.json"
 INDEX_FORMAT = "tallfmt-index"
-INDEX_MAJOR, INDEX_MINOR = 1, 0
+INDEX_MAJOR, INDEX_MINOR = 1, FILES_MINOR  # the newest minor this reader knows (1.1: files)
 MAX_SHARDS = 99_999                     # five digits in the shard file names
 MAX_INDEX_BYTES = 256 * 1024 * 1024
 MAX_FILE_NAME_BYTES = 255               # what common filesystems allow for one path component
@@ -67,14 +69,18 @@ class ShardIndex:
     metadata: dict[str, str]
     shards: tuple[ShardInfo, ...]
     weight_map: dict[str, str]
-    version: tuple[int, int] = (INDEX_MAJOR, INDEX_MINOR)
+    version: tuple[int, int] = (INDEX_MAJOR, 0)
+    files: Files | None = None   # 1.1: the models' non-weight files (FORMAT.md §10); shards hold none
 
     def to_json(self) -> dict[str, Any]:
-        return {"format": INDEX_FORMAT, "version": list(self.version), "tasks": [t.to_json() for t in self.tasks],
-                "encoding": self.encoding,
-                "thresholds": {k: None if v is None else list(v) for k, v in self.thresholds.items()},
-                "metadata": dict(self.metadata), "shards": [s.to_json() for s in self.shards],
-                "weight_map": dict(self.weight_map)}
+        out = {"format": INDEX_FORMAT, "version": list(self.version), "tasks": [t.to_json() for t in self.tasks],
+               "encoding": self.encoding,
+               "thresholds": {k: None if v is None else list(v) for k, v in self.thresholds.items()},
+               "metadata": dict(self.metadata), "shards": [s.to_json() for s in self.shards],
+               "weight_map": dict(self.weight_map)}
+        if self.files is not None:
+            out["files"] = self.files.to_json()
+        return out
 
     def to_bytes(self) -> bytes:
         """The index file: indented JSON whose last member is the checksum of the bytes before it."""
@@ -140,7 +146,7 @@ class IndexChecker(HeaderChecker):
     def index(self, v: Any) -> ShardIndex:
         keys = {"format", "version", "tasks", "encoding", "thresholds", "metadata", "shards", "weight_map",
                 "checksum"}
-        o = self.obj(v, "", keys)
+        o = self.obj(v, "", keys, since_1_1(v))
         if o["format"] != INDEX_FORMAT:
             raise self.fail("format", f"expected {INDEX_FORMAT!r}, got {o['format']!r}")
         ver = self.list_(o["version"], "version", 2)
@@ -199,7 +205,8 @@ class IndexChecker(HeaderChecker):
         if idle and (wm or len(files) > 1):
             raise self.fail("shards", f"shard(s) {idle[:5]} hold no tensor (only an archive without tensors "
                                       f"has an empty shard, its only one)")
-        return ShardIndex(tasks, enc, thresholds, dict(meta), tuple(shards), dict(wm), version)
+        files = check_files(self, o["files"], len(tasks)) if "files" in o else None
+        return ShardIndex(tasks, enc, thresholds, dict(meta), tuple(shards), dict(wm), version, files)
 
 
 def parse_index(raw: bytes, path: str = "<index>") -> ShardIndex:

@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from tallfmt.errors import FormatError, LimitError
+from tallfmt.errors import FormatError, InputError, LimitError
 from tallfmt.format.container import ContainerReader
 from tallfmt.format.header import Header, TensorEntry
 from tallfmt.format.index import (INDEX_NAME, MAX_INDEX_BYTES, ShardIndex, ShardInfo, parse_index,
@@ -49,8 +49,12 @@ def open_layout(path: str | os.PathLike) -> Layout:
     """Open a single .tall file, or a sharded archive's index (or its folder) and every shard.
 
     Every shard is opened (its own header validated) and checked against the index: size, header
-    checksum, tasks and λ, encoding, and the tensors the weight map gives it, in order.
+    checksum, tasks and λ, encoding, and the tensors the weight map gives it, in order. A path that
+    does not exist is an InputError (the caller named the wrong thing; nothing is damaged).
     """
+    if not os.path.lexists(path):
+        raise InputError(f"{path}: no such file or folder (expected a .tall file, or the folder or "
+                         f"{INDEX_NAME} of a sharded archive)")
     index_path = index_path_of(path)
     if index_path is None:
         reader = ContainerReader(path)
@@ -79,7 +83,7 @@ def open_layout(path: str | os.PathLike) -> Layout:
                 entries[e.name] = e
                 reader_of[e.name] = r
         header = Header(index.tasks, index.encoding, tuple(entries[n] for n in index.weight_map),
-                        dict(index.metadata))
+                        dict(index.metadata), index.version, index.files)
         return Layout(index_path, header, readers, reader_of if len(readers) > 1 else None, index, len(raw))
     except BaseException:
         for r in readers:

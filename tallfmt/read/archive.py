@@ -15,16 +15,19 @@ or numba. Decoding a task reads θ0, τ_MTL and only that task's masks, and runs
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tallfmt.errors import InputError
+from tallfmt.errors import InputError, TallWarning
 from tallfmt.format.container import ContainerReader
 from tallfmt.format.header import Header, Item, TensorEntry
 from tallfmt.format.index import ShardIndex
 from tallfmt.format.layout import open_layout
-from tallfmt.read.merges import DEFAULT_MERGE
+from tallfmt.format.outputs import MAX_SHARD_SIZE, OVERWRITE, check_model_output, new_folder_removed_on_failure
+from tallfmt.read.files import merge_note, write_files
+from tallfmt.read.merges import DEFAULT_MERGE, DEFAULT_PER_TASK, check_per_task, get_merge
 
 if TYPE_CHECKING:
     import torch
@@ -83,6 +86,30 @@ class Archive:
         """λ and the statistics recorded at encode time for one task."""
         e = self.header.tasks[self.task_index(task)]
         return {"name": e.name, "lambda": e.lam, **e.stats}
+
+    def files(self, task: str | None = None) -> dict[str, bytes]:
+        """The non-weight files stored with θ0 (``task=None``) or with one task, {relative name: bytes}
+        — config.json, tokenizer files, the model card of each folder that was encoded (FORMAT.md
+        §10) — each checked against its checksum. Empty when those inputs were not folders.
+
+            >>> zoo.files("sst2")["config.json"][:1]                  # doctest: +SKIP
+            b'{'
+        """
+        i = None if task is None else self.task_index(task)
+        f = self.header.files
+        return {} if f is None else f.read(i, str(self.path))
+
+    def file_names(self, task: str | None = None) -> list[str]:
+        """The names :meth:`files` returns, from the header alone."""
+        i = None if task is None else self.task_index(task)
+        f = self.header.files
+        return [] if f is None else f.names(i)
+
+    def unmergeable(self) -> dict[str, str]:
+        """Tensors a merge cannot merge (role ``per_task``: heads, adapters, batch-norm statistics,
+        tensors only some tasks have): {name: "θ0"} for those θ0 has, {name: "none"} for the others."""
+        return {e.name: ("θ0" if e.base_item is not None else "none") for e in self.header.tensors
+                if e.role == "per_task"}
 
     def task_index(self, task: str) -> int:
         """The position of ``task`` in the archive's task order; InputError naming the known tasks."""
@@ -162,43 +189,91 @@ class Archive:
                 out.append((row.name, r.dtype, tuple(r.shape)))
         return out
 
-    def decode_to(self, task: str, out: str | os.PathLike, *, max_shard_size: int = 5 * 2**30,
-                  metadata: dict[str, str] | None = None) -> list[Path]:
+    def decode_to(self, task: str, out: str | os.PathLike, *, max_shard_size: int | None = None,
+                  metadata: dict[str, str] | None = None, overwrite: bool = OVERWRITE) -> list[Path]:
         """Write one task model to ``out``: a ``.safetensors`` file, or a folder (HF-style, sharded
-        above ``max_shard_size``). Streams tensor by tensor; atomic. Returns the files written."""
+        above ``max_shard_size``, 5 GiB by default) with the task's stored files (config.json,
+        tokenizer, …), so that ``from_pretrained(out)`` loads it. Streams tensor by tensor; each file
+        is written atomically, and a folder this call created is removed if it fails. An existing
+        model at ``out`` is replaced only with ``overwrite=True``. Returns the files written.
+
+            >>> zoo.decode_to("sst2", "sst2-model/")                  # doctest: +SKIP
+        """
+        i = self.task_index(task)
+        return self._write_model(out, self.iter_decode(task), self.model_entries(i), lambda: self.files(task),
+                                 max_shard_size, metadata, overwrite)
+
+    def _write_model(self, out: str | os.PathLike, tensors: Iterator[tuple[str, torch.Tensor]],
+                     entries: list[tuple[str, str, tuple[int, ...]]], files: Callable[[], dict[str, bytes]],
+                     max_shard_size: int | None, metadata: dict[str, str] | None, overwrite: bool) -> list[Path]:
         from tallfmt.checkpoints import save_state_dict
 
-        i = self.task_index(task)
-        return save_state_dict(self.iter_decode(task), out, entries=self.model_entries(i),
-                               max_shard_size=max_shard_size, metadata=metadata)
+        kind = check_model_output(out, overwrite)
+        if kind == "file" and max_shard_size is not None:
+            raise InputError(f"{out}: max_shard_size applies to a folder output; this is one .safetensors file")
+        sidecars = files() if kind == "folder" else {}  # checked before anything is written
+        with new_folder_removed_on_failure(out):
+            written = save_state_dict(tensors, out, entries=entries, max_shard_size=max_shard_size or MAX_SHARD_SIZE,
+                                      metadata=metadata)
+            written += write_files(out, sidecars)
+        return written
 
     def iter_merge(self, method: str = DEFAULT_MERGE, *, device: str | torch.device | None = None,
-                   **params: Any) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield (name, tensor) of a merged model, tensor by tensor."""
+                   per_task: str = DEFAULT_PER_TASK, **params: Any) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield (name, tensor) of a merged model, tensor by tensor (``per_task`` as in :meth:`merge`)."""
         import torch
 
+        policy = self._check_unmergeable(per_task)
         dev = _device(device)
         fn = self.tensors.merge_fn(method, params, dev or torch.device("cpu"))
+        if policy == "drop":
+            inner = fn
+            fn = lambda e: None if e.role == "per_task" else inner(e)  # noqa: E731
         return self.tensors.iterate(fn, dev)
 
+    def _check_unmergeable(self, per_task: str) -> str:
+        """The policy, after refusing (``error``) or warning about the tensors a merge cannot merge."""
+        policy = check_per_task(per_task)
+        left = self.unmergeable()
+        if not left:
+            return policy
+        if policy == "error":
+            raise InputError(f"{self.path}: {_unmergeable_text(left, policy)}; pass per_task='base' or 'drop' "
+                             f"(CLI: --per-task base|drop)")
+        warnings.warn(f"{_unmergeable_text(left, policy)} (per_task={policy!r}; 'drop' leaves them all out, "
+                      f"'error' refuses; CLI: --per-task)", TallWarning, stacklevel=3)
+        return policy
+
     def merge(self, method: str = DEFAULT_MERGE, *, device: str | torch.device | None = None,
-              **params: Any) -> dict[str, torch.Tensor]:
+              per_task: str = DEFAULT_PER_TASK, **params: Any) -> dict[str, torch.Tensor]:
         """A merged multi-task model (methods and their parameters: :data:`tallfmt.MERGES`):
         ``task_arithmetic`` θ0 + α·τ_MTL (``alpha``=0.4); ``consensus`` θ0 + α·(1{Σ_t m_t ≥ k} ∘ τ_MTL)
         (``k``=2, ``alpha``=0.4); ``zeroshot`` θ0. τ_MTL is the archive's (TIES-merged if it was encoded
-        with merge="ties"). Per-task tensors come from θ0 when θ0 has them and are left out otherwise.
+        with merge="ties"); α may be any finite float32 number (negative: task negation).
+
+        Tensors stored per task (:meth:`unmergeable`: heads, adapters, batch-norm statistics, tensors
+        only some tasks have) cannot be merged: ``per_task="base"`` (the default) takes θ0's copy and
+        leaves out those θ0 has none of, ``"drop"`` leaves them all out, ``"error"`` refuses; a
+        :class:`tallfmt.TallWarning` names them. Tied tensors are one tensor in the result.
 
             >>> merged = zoo.merge("consensus", k=2, alpha=0.4)  # doctest: +SKIP
         """
-        return dict(self.iter_merge(method, device=device, **params))
+        return dict(self.iter_merge(method, device=device, per_task=per_task, **params))
 
-    def merge_to(self, out: str | os.PathLike, method: str = DEFAULT_MERGE, *,
-                 max_shard_size: int = 5 * 2**30, **params: Any) -> list[Path]:
-        """Write a merged model to a .safetensors file or an HF-style folder (streamed, atomic)."""
-        from tallfmt.checkpoints import save_state_dict
-
-        it = self.iter_merge(method, **params)
-        return save_state_dict(it, out, entries=self.model_entries(None), max_shard_size=max_shard_size)
+    def merge_to(self, out: str | os.PathLike, method: str = DEFAULT_MERGE, *, per_task: str = DEFAULT_PER_TASK,
+                 max_shard_size: int | None = None, overwrite: bool = OVERWRITE, **params: Any) -> list[Path]:
+        """Write a merged model to a .safetensors file or an HF-style folder (streamed, atomic; see
+        :meth:`merge`). A folder gets θ0's stored files (config.json, tokenizer, …); the weights'
+        safetensors metadata notes the merge (``tallfmt.merge``: archive, method, parameters, tasks).
+        An existing model at ``out`` is replaced only with ``overwrite=True``."""
+        it = self.iter_merge(method, per_task=per_task, **params)
+        m = get_merge(method)
+        given = {p.name: params.get(p.name, p.default) for p in m.params}
+        note = merge_note(self.path.parent if self.index is not None else self.path, method, given, per_task,
+                          self.tasks)
+        dropped = set(self.unmergeable()) if per_task == "drop" else set()
+        entries = [x for x in self.model_entries(None) if self.entry(x[0]).name not in dropped]
+        return self._write_model(out, it, entries, lambda: self.files(None), max_shard_size, note, overwrite)
 
     def mask(self, task: str, name: str) -> torch.Tensor:
         """Task ``task``'s mask of tensor ``name`` as a torch.bool tensor of the tensor's shape."""
@@ -223,7 +298,9 @@ class Archive:
     def verify(self) -> None:
         """Check every checksum, decode every segment and check mask padding, in every shard;
         FormatError naming the damaged file. (A sharded archive's index and shard headers were
-        checked against each other on open.)"""
+        checked against each other on open.) Stored files (FORMAT.md §10) are decoded and checked too."""
+        if self.header.files is not None:
+            self.header.files.verify(str(self.path))
         self.tensors.verify()
 
     def close(self) -> None:
@@ -237,15 +314,30 @@ class Archive:
 
     def __repr__(self) -> str:
         shards = f", {len(self.shards)} shards" if self.index is not None else ""
-        return f"<tallfmt.Archive {str(self.path)!r}: {len(self.tasks)} tasks, {len(self._entries)} tensors{shards}>"
+        n = len(self.tasks)
+        return (f"<tallfmt.Archive {str(self.path)!r}: {n} task{'s' if n != 1 else ''}, {len(self._entries)} "
+                f"tensors{shards}>")
 
 
 def _device(device: Any) -> torch.device | None:
     if device is None:
         return None
-    import torch
+    from tallfmt.compute.devices import check_device
 
-    return torch.device(device)
+    return check_device(device)
+
+
+def _unmergeable_text(left: dict[str, str], policy: str) -> str:
+    def few(names: list[str]) -> str:
+        return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+
+    if policy == "error":
+        return f"{len(left)} tensor{'s' if len(left) != 1 else ''} stored per task cannot be merged: {few(list(left))}"
+    from_base = [n for n, w in left.items() if w == "θ0" and policy == "base"]
+    out = [n for n in left if n not in from_base]
+    parts = ([f"taken from θ0: {few(from_base)}"] if from_base else []) + (
+        [f"left out{' (θ0 has none)' if policy == 'base' else ''}: {few(out)}"] if out else [])
+    return f"{len(left)} tensor{'s' if len(left) != 1 else ''} stored per task cannot be merged; {'; '.join(parts)}"
 
 
 def open(path: str | os.PathLike, *, threads: int | None = None) -> Archive:  # noqa: A001 - like safe_open

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from tallfmt.errors import InputError
+from tallfmt.errors import InputError, TallWarning
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,7 @@ class MergeMethod:
         out = {p.name: p.check(params.get(p.name, p.default)) for p in self.params}
         if "k" in out and out["k"] > num_tasks:
             warnings.warn(f"consensus k={out['k']} is above the archive's {num_tasks} tasks: no parameter "
-                          f"can be kept by k masks, so the merge is θ0", stacklevel=3)
+                          f"can be kept by k masks, so the merge is θ0", TallWarning, stacklevel=3)
         return out
 
 
@@ -130,3 +130,16 @@ register_merge(MergeMethod(
 
 #: The merge ``Archive.merge()`` and ``tallfmt merge`` make when none is named.
 DEFAULT_MERGE = "task_arithmetic"
+
+#: What a merge does with tensors it cannot merge (role ``per_task``: heads, adapters, batch-norm
+#: statistics, tensors only some tasks have): ``base`` takes θ0's copy and leaves out those θ0 lacks,
+#: ``drop`` leaves them all out, ``error`` refuses to merge.
+PER_TASK_POLICIES = ("base", "drop", "error")
+DEFAULT_PER_TASK = "base"
+
+
+def check_per_task(policy: Any) -> str:
+    """``per_task=`` of a merge, checked (InputError naming the choices)."""
+    if policy not in PER_TASK_POLICIES:
+        raise InputError(f"per_task must be one of {list(PER_TASK_POLICIES)}, got {policy!r}")
+    return policy

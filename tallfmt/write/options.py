@@ -20,6 +20,10 @@ DEFAULT_PER_TASK = ("*running_mean", "*running_var", "*num_batches_tracked")
 TIES_AGGS = ("sum", "mean")
 SCOPES = ("global", "per_tensor")
 MISMATCH = ("error", "per_task")
+#: Storage dtypes ``dtype=`` can cast every float tensor to (the maskable ones, FORMAT.md §2).
+CAST_DTYPES = ("F32", "F16", "BF16")
+_DTYPE_ALIASES = {"FLOAT32": "F32", "FLOAT": "F32", "FP32": "F32", "FLOAT16": "F16", "HALF": "F16", "FP16": "F16",
+                  "BFLOAT16": "BF16"}
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,9 @@ class EncodeOptions:
     per_task: tuple[str, ...] = DEFAULT_PER_TASK  # float tensors named like these stay verbatim per task
     metadata: Mapping[str, str] | None = None     # free string → string metadata
     chunk_size: int = 1 << 20               # elements per chunk of mask math
+    dtype: str | None = None                # cast every float tensor of every input to this dtype first
+    prefix_map: Mapping[str, str] | None = None   # rename θ0's tensors: a name starting with OLD gets NEW
+    files: bool = True                      # store the non-weight files of folder inputs (FORMAT.md §10)
     tasks: tuple[str, ...] = field(default=(), repr=False)  # filled by check()
 
     @classmethod
@@ -72,11 +79,14 @@ class EncodeOptions:
             raise InputError("metadata must map strings to strings")
         if isinstance(o.per_task, str) or not all(isinstance(p, str) for p in o.per_task):
             raise InputError(f"per_task must be a sequence of name patterns (strings), got {o.per_task!r}")
+        if not isinstance(o.files, bool):
+            raise InputError(f"files must be True or False, got {o.files!r}")
         return replace(o, tasks=names, ties_density=_fraction("ties_density", o.ties_density),
                        mask_density=_fraction("mask_density", o.mask_density),
                        lambdas=_lambdas(o.lambdas, names) if o.mask_method == "tall" else {},
                        device=_device(o.device), metadata=meta, per_task=tuple(o.per_task),
-                       chunk_size=o.chunk_size // 8 * 8)
+                       chunk_size=o.chunk_size // 8 * 8, dtype=cast_dtype(o.dtype),
+                       prefix_map=_prefix_map(o.prefix_map))
 
     @property
     def global_ties(self) -> bool:
@@ -163,9 +173,31 @@ def _lambdas(lambdas: Any, tasks: tuple[str, ...]) -> dict[str, float]:
 def _device(device: Any) -> str:
     if device is None:
         return "cpu"
-    import torch
+    from tallfmt.compute.devices import check_device
 
-    try:
-        return str(torch.device(device))
-    except (RuntimeError, TypeError, ValueError) as exc:
-        raise InputError(f"device {device!r} is not a torch device ({exc})") from None
+    return str(check_device(device))
+
+
+def cast_dtype(dtype: Any) -> str | None:
+    """``dtype=`` as a safetensors dtype name (F32, F16, BF16), or None (keep every input's own).
+
+        >>> cast_dtype("bf16"), cast_dtype("float16"), cast_dtype(None)
+        ('BF16', 'F16', None)
+    """
+    if dtype is None:
+        return None
+    name = dtype.upper() if isinstance(dtype, str) else str(dtype).removeprefix("torch.").upper()
+    name = _DTYPE_ALIASES.get(name, name)
+    if name not in CAST_DTYPES:
+        raise InputError(f"dtype must be one of {list(CAST_DTYPES)} (or bf16, fp16, float32, ...), got {dtype!r}")
+    return name
+
+
+def _prefix_map(m: Any) -> dict[str, str] | None:
+    if m is None:
+        return None
+    if not isinstance(m, Mapping) or not all(isinstance(k, str) and isinstance(v, str) for k, v in m.items()):
+        raise InputError(f"prefix_map must map name prefixes to name prefixes (strings), got {m!r}")
+    if any(k == v for k, v in m.items()):
+        raise InputError(f"prefix_map maps a prefix to itself: {m!r}")
+    return dict(m)

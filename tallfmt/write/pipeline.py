@@ -15,7 +15,7 @@ import os
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -25,10 +25,12 @@ import torch
 from tallfmt.compute import maskmath
 from tallfmt.errors import InputError
 from tallfmt.format.atomic import write_atomic
-from tallfmt.format.header import TaskEntry
+from tallfmt.format.header import TaskEntry, version_for
+from tallfmt.format.outputs import OVERWRITE, new_folder_removed_on_failure
 from tallfmt.format.index import INDEX_NAME, MAX_SHARDS, SHARD_RE, ShardIndex, ShardInfo, shard_name
 from tallfmt.write import thresholds as th
-from tallfmt.write.inputs import open_inputs
+from tallfmt.write.files import collect_files
+from tallfmt.write.inputs import open_inputs, refuse_own_input
 from tallfmt.write.options import DEFAULTS, EncodeOptions
 from tallfmt.write.plan import group_into_shards, plan_metadata, stored_bytes
 from tallfmt.write.report import EncodeReport, RoleSummary
@@ -46,7 +48,9 @@ def encode(base: Any, tasks: Mapping[str, Any], path: str | os.PathLike, *, merg
            mask_scope: str = DEFAULTS.mask_scope, codec: str = DEFAULTS.codec,
            device: str | torch.device | None = DEFAULTS.device, mismatch: str = DEFAULTS.mismatch,
            per_task: Any = DEFAULTS.per_task, metadata: Mapping[str, str] | None = DEFAULTS.metadata,
-           chunk_size: int = DEFAULTS.chunk_size, overwrite: bool = True, progress: ProgressFn | None = None,
+           chunk_size: int = DEFAULTS.chunk_size, dtype: str | None = DEFAULTS.dtype,
+           prefix_map: Mapping[str, str] | None = DEFAULTS.prefix_map, files: bool = DEFAULTS.files,
+           overwrite: bool = OVERWRITE, progress: ProgressFn | None = None,
            shards: int | None = None, max_shard_size: int | None = None, scheduler: Any = None,
            retries: int = 3, threads: int | None = None) -> EncodeReport:
     """Encode θ0 and T fine-tunes of it into one .tall archive at ``path``.
@@ -58,9 +62,16 @@ def encode(base: Any, tasks: Mapping[str, Any], path: str | os.PathLike, *, merg
     ``mask_density`` of |τ_t|). ``mismatch="per_task"`` stores tensors whose presence, dtype or shape
     differ between checkpoints per task instead of refusing them. Float tensors whose names match a
     glob in ``per_task`` (default: batch-norm running statistics) are stored verbatim per task when
-    they differ. ``progress(advance, total)`` is told the input bytes processed. ``threads``: at most
-    this many tensors are encoded and compressed at once (default: one per core; the threads block,
-    never spin, so the default suits a busy machine too; 1 runs everything in the calling thread).
+    they differ. ``dtype`` ("BF16", "F16", "F32") casts every float tensor of every input to that
+    storage dtype first (the math stays float32), so a mixed-precision zoo keeps its masks;
+    ``prefix_map`` renames θ0's tensors ({"": "bert."} prefixes every name, {"model.": ""} strips
+    one) to match the fine-tunes'. ``files``: store the non-weight files of folder inputs (config,
+    tokenizer, model card: FORMAT.md §10), which decode_to and merge_to write back.
+    ``progress(advance, total)`` is told the input bytes processed. ``threads``: at most this many
+    tensors are encoded and compressed at once (default: one per core; the threads block, never spin,
+    so the default suits a busy machine too; 1 runs everything in the calling thread). An existing
+    ``path`` is refused unless ``overwrite=True`` (as the CLI's --force), and so is a ``path`` that is
+    one of the inputs.
 
     ``shards=N`` or ``max_shard_size=BYTES`` make ``path`` a folder of shard files plus
     ``tall.index.json`` (FORMAT.md §9); ``scheduler`` (a ``dask.distributed.Client`` or a scheduler
@@ -78,7 +89,8 @@ def encode(base: Any, tasks: Mapping[str, Any], path: str | os.PathLike, *, merg
     opts = EncodeOptions.check(list(tasks), merge=merge, lambdas=lambdas, ties_density=ties_density,
                                ties_agg=ties_agg, ties_scope=ties_scope, mask_method=mask_method,
                                mask_density=mask_density, mask_scope=mask_scope, codec=codec, device=device,
-                               mismatch=mismatch, per_task=per_task, metadata=metadata, chunk_size=chunk_size)
+                               mismatch=mismatch, per_task=per_task, metadata=metadata, chunk_size=chunk_size,
+                               dtype=dtype, prefix_map=prefix_map, files=files)
     sharded = shards is not None or max_shard_size is not None or scheduler is not None
     if shards is not None and max_shard_size is not None:
         raise InputError("pass shards= or max_shard_size=, not both")
@@ -90,6 +102,7 @@ def encode(base: Any, tasks: Mapping[str, Any], path: str | os.PathLike, *, merg
     if threads is not None:
         _check_count("threads", threads, 1)
     out = Path(path)
+    refuse_own_input(out, [("the base", base), *((f"task {t!r}", src) for t, src in tasks.items())])
     if sharded:
         if out.exists() and not out.is_dir():
             raise InputError(f"{out}: exists and is not a folder (a sharded archive is a folder)")
@@ -103,8 +116,9 @@ def encode(base: Any, tasks: Mapping[str, Any], path: str | os.PathLike, *, merg
     base_src = portable_source(base, "base", remote)
     task_srcs = tuple((t, portable_source(tasks[t], f"task {t!r}", remote)) for t in tasks)
     run = uuid.uuid4().hex[:12]
-    # our own pool does the parallel work: torch's intra-op threads would only spin on chunk-sized copies
-    with _torch_threads(1):
+    # our own pool does the parallel work: torch's intra-op threads would only spin on chunk-sized copies;
+    # a sharded archive's folder that this call made goes again if it fails (a file is written atomically)
+    with _torch_threads(1), new_folder_removed_on_failure(out) if sharded else nullcontext():
         runner = runner_for(scheduler, retries, run)
         try:
             return _drive(runner, base_src, task_srcs, out, opts, sharded, shards, max_shard_size, run, overwrite,
@@ -161,7 +175,7 @@ def _drive(runner: Runner, base_src: Any, task_srcs: tuple[tuple[str, Any], ...]
            sharded: bool, shards: int | None, max_shard_size: int | None, run: str, overwrite: bool,
            progress: ProgressFn | None, threads: int, t0: float) -> EncodeReport:
     # 1. plan on the driver, from metadata only
-    with open_inputs(base_src, task_srcs) as inputs:
+    with open_inputs(base_src, task_srcs, dtype=opts.dtype, prefix_map=opts.prefix_map) as inputs:
         plans = plan_metadata(inputs, opts.mismatch)
         sizes = [stored_bytes(inputs, p) for p in plans]
         tensor_bytes = {p.name: inputs.tensor_bytes(p.name) for p in plans}
@@ -169,13 +183,14 @@ def _drive(runner: Runner, base_src: Any, task_srcs: tuple[tuple[str, Any], ...]
         windows = th.sample_windows(inputs, plans, [d for _, d in opts.global_steps()], opts.per_task,
                                     torch.device(opts.device), opts.chunk_size) if opts.global_steps() else None
     input_bytes = sum(tensor_bytes.values())
+    files = collect_files(base_src, task_srcs) if opts.files else None
     if sharded:
         if shards is None and max_shard_size is None:
             shards = runner.workers()
         groups = group_into_shards(plans, sizes, shards=shards, max_shard_size=max_shard_size)
     else:
         groups = [plans]
-    jobs = [ShardJob(base_src, task_srcs, opts, tuple(g), threads) for g in groups]
+    jobs = [ShardJob(base_src, task_srcs, opts, tuple(g), threads, None if sharded else files) for g in groups]
     passes = 2 if opts.global_steps() else 1
     meter = _Meter(progress, input_bytes * passes, runner, [sum(tensor_bytes[p.name] for p in g) for g in groups])
 
@@ -188,7 +203,7 @@ def _drive(runner: Runner, base_src: Any, task_srcs: tuple[tuple[str, Any], ...]
                        meter.shard_done)[0]
         return EncodeReport(Path(r.path), list(opts.tasks), r.summary.roles, r.summary.role_bytes, r.summary.params,
                             input_bytes, r.size, {t.name: t.stats for t in _task_entries(opts, r.stats)},
-                            time.perf_counter() - t0)
+                            time.perf_counter() - t0, r.summary, files)
     out.mkdir(parents=True, exist_ok=True)
     names = [shard_name(i + 1, len(jobs)) for i in range(len(jobs))]
     tmps = [str(out / f".{n}.{run}.part") for n in names]
@@ -214,12 +229,12 @@ def _drive(runner: Runner, base_src: Any, task_srcs: tuple[tuple[str, Any], ...]
     where = {p.name: n for n, j in zip(names, jobs) for p in j.plans}
     index = ShardIndex(task_entries, opts.encoding(), index_thresholds, dict(opts.metadata),
                        tuple(ShardInfo(n, r.size, r.header_xxh3) for n, r in zip(names, results)),
-                       {p.name: where[p.name] for p in plans})
+                       {p.name: where[p.name] for p in plans}, version_for(files), files)
     raw = index.to_bytes()
     write_atomic(index_path, raw)
     return EncodeReport(out, list(opts.tasks), summary.roles, summary.role_bytes, summary.params, input_bytes,
                         sum(r.size for r in results) + len(raw), {t.name: t.stats for t in task_entries},
-                        time.perf_counter() - t0)
+                        time.perf_counter() - t0, summary, files)
 
 
 def _task_entries(opts: EncodeOptions, stats: list[maskmath.TaskStats]) -> tuple[TaskEntry, ...]:

@@ -56,7 +56,7 @@ def plan_metadata(inputs: Inputs, mismatch: str) -> list[TensorPlan]:
             if n not in seen:
                 seen.add(n)
                 names.append(n)
-    plans, bad, why = [], [], []
+    plans = []
     for n in names:
         if not n or len(n.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
             raise InputError(f"tensor name {n[:80]!r}… is empty or longer than {MAX_NAME_BYTES} bytes")
@@ -65,45 +65,146 @@ def plan_metadata(inputs: Inputs, mismatch: str) -> list[TensorPlan]:
         if base_info is not None and all(i == base_info for i in task_infos):
             plans.append(TensorPlan(n, COMMON, *base_info))
         else:
-            bad.append(n)
             plans.append(TensorPlan(n, "per_task"))
-            if len(why) < 5:
-                why.append(_mismatch_reason(n, inputs, base_info, task_infos))
+    plans = _find_aliases(plans, inputs)
+    bad = [p.name for p in plans if p.role == "per_task"]
     if bad and mismatch == "error":
-        raise InputError(
-            f"tensors differ in presence, dtype or shape between the base and the tasks: {_describe(bad)}: "
-            f"{'; '.join(why)}{'; …' if len(bad) > len(why) else ''}. Pass mismatch='per_task' "
-            f"(CLI: --mismatch per_task) to store them per task")
-    return _find_aliases(plans, inputs)
+        raise InputError(mismatch_message(inputs, bad, len(plans)))
+    return plans
 
 
-def _mismatch_reason(name: str, inputs: Inputs, base_info: tuple | None, task_infos: list[tuple | None]) -> str:
+def _infos(inputs: Inputs, name: str) -> list[tuple | None]:
+    """(dtype, shape) of ``name`` in θ0 and each task, None where absent."""
+    return [ck.info(name) if name in names else None
+            for ck, names in zip(inputs.all, [inputs.base_names, *inputs.task_name_sets])]
+
+
+def _prefix_map_hint(inputs: Inputs, only_base: list[str], only_tasks: list[str]) -> tuple[str, str] | None:
+    """(OLD, NEW) such that renaming θ0's names OLD… → NEW… explains most names that only θ0 or only
+    the tasks have (a ``bert.``-style prefix), or None."""
+    task_names = set().union(*inputs.task_name_sets) if inputs.task_name_sets else set()
+    votes: dict[tuple[str, str], int] = {}
+    for names, other, add in ((only_tasks, inputs.base_names, True), (only_base, task_names, False)):
+        for n in names:
+            for k in range(1, len(n)):
+                if n[k - 1] == "." and n[k:] in other:
+                    key = ("", n[:k]) if add else (n[:k], "")
+                    votes[key] = votes.get(key, 0) + 1
+                    break
+    if not votes:
+        return None
+    best, count = max(votes.items(), key=lambda kv: kv[1])
+    return best if count * 2 >= max(len(only_base), len(only_tasks)) else None
+
+
+def mismatch_message(inputs: Inputs, bad: list[str], total: int) -> str:
+    """Why tensors cannot be planned as one model's (which kind of mismatch: dtype, shape, missing or
+    extra names, a different architecture) and the option that fits."""
+    kinds: dict[str, list[str]] = {"dtype": [], "shape": [], "missing": [], "extra": []}
+    only_base, only_tasks = [], []
+    for n in bad:
+        infos = _infos(inputs, n)
+        present = [i for i in infos if i is not None]
+        if infos[0] is None:
+            kinds["extra"].append(n)
+            only_tasks.append(n)
+        elif any(i is None for i in infos[1:]):
+            kinds["missing"].append(n)
+            if all(i is None for i in infos[1:]):
+                only_base.append(n)
+        elif len({i[1] for i in present}) > 1:
+            kinds["shape"].append(n)
+        else:
+            kinds["dtype"].append(n)
+    labels = {"dtype": "differ in dtype", "shape": "differ in shape", "missing": "are missing from some tasks",
+              "extra": "are not in the base"}
+    parts = [f"{len(ns)} {labels[k]}: {_describe(ns)}, e.g. {_mismatch_reason(ns[0], inputs)}"
+             for k, ns in kinds.items() if ns]
+    text = f"tensors differ between the base and the tasks: {'; '.join(parts)}"
+    prefix = _prefix_map_hint(inputs, only_base, only_tasks)
+    hints = []
+    if prefix is not None:
+        old, new = prefix
+        hints.append(f"the names differ by a prefix: rename θ0's with prefix_map={{{old!r}: {new!r}}} "
+                     f"(CLI: --prefix-map {old}={new})")
+    elif len(bad) * 2 > total:
+        hints.append(f"most tensors differ ({len(bad)} of {total}): are these fine-tunes of one base model, or "
+                     f"different architectures?")
+    if kinds["dtype"]:
+        target = _dtype_hint(inputs)
+        hints.append(f"cast every float tensor to one storage dtype with dtype={target!r} (CLI: --dtype "
+                     f"{target.lower()}); storing them per task would lose their compression")
+    if prefix is None and (kinds["shape"] or kinds["missing"] or kinds["extra"]):
+        hints.append("store them per task with mismatch='per_task' (CLI: --mismatch per_task): heads and "
+                     "adapters stay per task, the other tensors are still masked")
+    return f"{text}. " + "; ".join(hints)
+
+
+def _dtype_hint(inputs: Inputs) -> str:
+    """The float dtype most of θ0's parameters have (F32, F16 or BF16)."""
+    count: dict[str, int] = {}
+    for n in inputs.base_names:
+        dt, shape = inputs.base.info(n)
+        if dt in MASKABLE:
+            count[dt] = count.get(dt, 0) + math.prod(shape)
+    return max(count, key=lambda d: count[d]) if count else "BF16"
+
+
+def _mismatch_reason(name: str, inputs: Inputs) -> str:
     """Which checkpoint differs from θ0 for one tensor, e.g. "'w' is F16 [3, 5] in x.safetensors, F32 [3, 5]
     in the base"."""
     def show(info: tuple | None) -> str:
         return "missing" if info is None else f"{info[0]} {list(info[1])}"
-    base = inputs.base
-    for ck, info in zip(inputs.cks, task_infos):
+    infos = _infos(inputs, name)
+    base_info, base = infos[0], inputs.base
+    for ck, info in zip(inputs.cks, infos[1:]):
         if info != base_info:
             return f"{name!r} is {show(info)} in {ck.source}, {show(base_info)} in the base {base.source}"
     return f"{name!r} is {show(base_info)} in the base {base.source}"
 
 
 def _find_aliases(plans: list[TensorPlan], inputs: Inputs) -> list[TensorPlan]:
-    """Common tensors that share storage with an earlier one in every checkpoint become aliases
-    (metadata only: storage keys), so a sharded encode keeps aliases with their targets."""
+    """Tensors that share storage with an earlier one in every checkpoint become aliases (metadata
+    only: storage keys), so a sharded encode keeps aliases with their targets. So does a tied copy
+    that some checkpoints leave out (save_pretrained drops tied weights, torch.save keeps them): in
+    every checkpoint that has it, it shares storage with the same common tensor."""
     by_key: dict[tuple, str] = {}
+    first: list[dict[object, str]] = [{} for _ in inputs.all]  # per checkpoint: storage key -> first name
     out = []
     for p in plans:
         if p.role == COMMON:
             keys = tuple(ck.storage_key(p.name) for ck in inputs.all)
+            for f, k in zip(first, keys):
+                if k is not None:
+                    f.setdefault(k, p.name)
             if all(k is not None for k in keys):
                 if keys in by_key:
                     p = replace(p, role="alias", target=by_key[keys])
                 else:
                     by_key[keys] = p.name
         out.append(p)
+    roles = {p.name: p for p in out}
+    for i, p in enumerate(out):
+        if p.role == "per_task":
+            target = _tied_target(p.name, inputs, first)
+            if target is not None and roles[target].role in (COMMON, "alias"):
+                t = roles[target]
+                t = roles[t.target] if t.role == "alias" else t
+                out[i] = TensorPlan(p.name, "alias", t.dtype, t.shape, target=t.name)
     return out
+
+
+def _tied_target(name: str, inputs: Inputs, first: list[dict[object, str]]) -> str | None:
+    """The one tensor ``name`` shares storage with in every checkpoint that holds it, or None."""
+    targets = set()
+    for ck, names, f in zip(inputs.all, [inputs.base_names, *inputs.task_name_sets], first):
+        if name in names:
+            k = ck.storage_key(name)
+            t = f.get(k) if k is not None else None
+            if t is None or t == name or ck.info(t) != ck.info(name):
+                return None
+            targets.add(t)
+    return targets.pop() if len(targets) == 1 else None
 
 
 def decide_role(inputs: Inputs, plan: TensorPlan, per_task_globs: Sequence[str]) -> str:

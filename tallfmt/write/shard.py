@@ -20,6 +20,7 @@ import torch
 
 from tallfmt.compute import maskmath
 from tallfmt.format.container import ContainerWriter
+from tallfmt.format.files import Files
 from tallfmt.format.header import Header, TaskEntry
 from tallfmt.format.index import read_header_xxh3
 from tallfmt.write import thresholds as th
@@ -66,6 +67,7 @@ class ShardJob:
     options: EncodeOptions
     plans: tuple[TensorPlan, ...]
     threads: int = 1
+    files: Files | None = None   # a single-file archive's files (a sharded one keeps them in its index)
 
 
 @dataclass
@@ -84,7 +86,7 @@ Progress = Callable[[int], None] | None  # told the input bytes of each tensor a
 
 @contextmanager
 def _opened(job: ShardJob) -> Iterator[Inputs]:
-    with open_inputs(job.base, job.tasks) as inputs:
+    with open_inputs(job.base, job.tasks, dtype=job.options.dtype, prefix_map=job.options.prefix_map) as inputs:
         yield inputs
 
 
@@ -123,6 +125,7 @@ def encode_shard(job: ShardJob, thresholds: dict[str, torch.Tensor | None], path
             if progress is not None:
                 progress(inputs.tensor_bytes(prep.plan.name))
         tasks = tuple(TaskEntry(t, opts.lambdas.get(t), enc.stats[i].result()) for i, t in enumerate(opts.tasks))
-        final = writer.finish(Header(tasks, opts.encoding(), tuple(entries), dict(opts.metadata)))
+        final = writer.finish(Header(tasks, opts.encoding(), tuple(entries), dict(opts.metadata),
+                                     files=job.files))
     return ShardResult(str(final), final.stat().st_size, read_header_xxh3(final), enc.stats,
                        RoleSummary.of(entries))
