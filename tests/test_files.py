@@ -81,12 +81,12 @@ def test_a_file_output_and_files_false_store_or_write_no_files(zoo: Path) -> Non
         assert [p.name for p in z.decode_to("sst2", zoo / "one.safetensors")] == ["one.safetensors"]
     tallfmt.encode(zoo / "base", {"sst2": zoo / "sst2"}, zoo / "nofiles.tall", files=False)
     with tallfmt.open(zoo / "nofiles.tall") as z:
-        assert z.header.version == (1, 0) and z.header.files is None and z.files("sst2") == {}
+        assert z.header.version == (1, 1) and z.header.files is None and z.files("sst2") == {}
         assert [p.name for p in z.decode_to("sst2", zoo / "plain")] == ["model.safetensors"]
-    # in-memory and file inputs have no files: the archive stays 1.0, as every archive before 1.1
+    # in-memory and file inputs have no files (every archive is 1.1 for its mask rule, FORMAT.md §4.3)
     tallfmt.encode(zoo / "base" / "model.safetensors", {"a": zoo / "sst2" / "model.safetensors"}, zoo / "f.tall")
     with tallfmt.open(zoo / "f.tall") as z:
-        assert z.header.version == (1, 0) and z.header.files is None
+        assert z.header.version == (1, 1) and z.header.files is None
 
 
 def test_sharded_archives_keep_files_in_the_index(zoo: Path) -> None:
@@ -95,7 +95,7 @@ def test_sharded_archives_keep_files_in_the_index(zoo: Path) -> None:
     assert index["version"] == [1, 1] and "files" in index
     for shard in ("model-00001-of-00002.tall", "model-00002-of-00002.tall"):
         with ContainerReader(zoo / "sharded" / shard) as r:
-            assert r.header.files is None and r.header.version == (1, 0)
+            assert r.header.files is None and r.header.version == (1, 1)
     with tallfmt.open(zoo / "sharded") as s, tallfmt.open(zoo / "zoo.tall") as z:
         assert s.header.files == z.header.files
         s.verify()

@@ -63,10 +63,11 @@ def test_golden_headers_match_schema(case: str) -> None:
         jsonschema.validate(json.loads(raw), schema)
 
 
-def test_files_golden_is_version_1_1_and_the_others_1_0() -> None:
+def test_golden_files_are_version_1_1_and_hold_their_files() -> None:
     for case in CASES:
         with ContainerReader(GOLDEN / f"{case}.tall") as r:
-            assert r.header.version == ((1, 1) if "folders" in CASES[case] else (1, 0)), case
+            assert r.header.version == (1, 1), case
+            assert (r.header.files is not None) == ("folders" in CASES[case]), case
     want = load_file(str(GOLDEN / "files.expected.safetensors"))
     for model, files in CASES["files"]["folders"].items():
         for name, text in files.items():

@@ -27,8 +27,8 @@ import xxhash
 from tallfmt.errors import ChecksumError, FormatError, LimitError
 from tallfmt.format.codecs import MAX_EXPANSION, get_codec, zstd_compress
 
-#: The minor version that added ``files``: a writer marks a header (or index) holding files 1.1,
-#: one without them 1.0, so 1.0 readers see no change for archives without files.
+#: The minor version that added ``files`` (a header of a lower minor must not hold them; an index
+#: holding files is 1.1, one without them 1.0).
 FILES_MINOR = 1
 #: Largest file (decoded bytes).
 MAX_FILE_BYTES = 64 * 2**20

@@ -157,7 +157,7 @@ class Header:
     encoding: dict[str, Any]
     tensors: tuple[TensorEntry, ...]
     metadata: dict[str, str] = field(default_factory=dict)
-    version: tuple[int, int] = (MAJOR, 0)
+    version: tuple[int, int] = (MAJOR, MINOR)
     files: Files | None = None               # 1.1: the models' non-weight files (FORMAT.md §10)
 
     @property
