@@ -3,8 +3,9 @@
 
 from tallfmt.kernels.bits import add_bits, pack_bits, pack_bits_into, padding_ok, popcount, unpack_bits
 from tallfmt.kernels.core import DECODE_DTYPES
-from tallfmt.kernels.decode import decode_masked
+from tallfmt.kernels.decode import decode_into, decode_masked, select_into
 from tallfmt.kernels.encode import mask_stats
 
 __all__ = ["pack_bits", "pack_bits_into", "unpack_bits", "padding_ok", "popcount", "add_bits", "decode_masked",
+           "decode_into", "select_into",
            "mask_stats", "DECODE_DTYPES"]
