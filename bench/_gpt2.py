@@ -23,6 +23,9 @@ import _common as C
 
 TIED = ("lm_head.weight", "transformer.wte.weight")
 PER_TASK = ("*ln_f*",)
+#: ``small=True``: a tiny GPT-2 for smoke tests (0.2M parameters).
+SMALL = {"n_layer": 2, "n_embd": 64, "n_head": 2, "vocab_size": 1000, "n_positions": 128, "bos_token_id": 0,
+         "eos_token_id": 0}
 
 
 @dataclass
@@ -32,6 +35,7 @@ class Gpt2Zoo:
     tasks: list[Path]
     archive: Path
     dtype: torch.dtype
+    config: dict
 
     @property
     def task_names(self) -> list[str]:
@@ -41,9 +45,8 @@ class Gpt2Zoo:
         """A GPT2LMHeadModel of the zoo's shape and dtype (random weights; lm_head tied to wte)."""
         from transformers import GPT2Config, GPT2LMHeadModel
 
-        torch.manual_seed(0)
         with torch.device("meta"):
-            m = GPT2LMHeadModel(GPT2Config())
+            m = GPT2LMHeadModel(GPT2Config(**self.config))
         m = m.to_empty(device="cpu").to(self.dtype)
         m.tie_weights()
         return m.eval()
@@ -64,26 +67,28 @@ def _open_dict(path: Path) -> dict[str, torch.Tensor]:
 
 
 def gpt2_zoo(tasks: int = 4, dtype: torch.dtype = torch.float32, density: float = 0.1, sigma: float = 1e-3,
-             codec: str = "auto", log: Callable[[str], None] | None = print) -> Gpt2Zoo:
+             codec: str = "auto", small: bool = False, log: Callable[[str], None] | None = print) -> Gpt2Zoo:
     """θ0, ``tasks`` fine-tunes (each moving a random ``density`` of every float tensor's elements by
-    N(0, σ²)) and their archive; built once, then reused."""
+    N(0, σ²)) and their archive; built once, then reused. ``small``: the tiny config :data:`SMALL`."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     import tallfmt
     from tallfmt.checkpoints import SafetensorsWriter
     from tallfmt.compute.tensors import from_torch
 
-    desc = {"model": "gpt2-small", "tasks": tasks, "dtype": str(dtype), "density": density, "sigma": sigma, "v": 1}
+    config = SMALL if small else {}
+    desc = {"model": "gpt2-small", "tasks": tasks, "dtype": str(dtype), "density": density, "sigma": sigma, "v": 1,
+            **({"config": config} if config else {})}
     tag = hashlib.sha256(json.dumps(desc).encode()).hexdigest()[:10]
     folder = C.CACHE / f"gpt2-{tag}"
     base, paths = folder / "base.safetensors", [folder / f"task{t}.safetensors" for t in range(tasks)]
     archive = folder / f"zoo-{codec}.tall"
-    zoo = Gpt2Zoo(folder, base, paths, archive, dtype)
+    zoo = Gpt2Zoo(folder, base, paths, archive, dtype, config)
     if not (folder / "done.json").exists():
         folder.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
         torch.manual_seed(0)
-        sd = {k: v.to(dtype) for k, v in GPT2LMHeadModel(GPT2Config()).state_dict().items()}
+        sd = {k: v.to(dtype) for k, v in GPT2LMHeadModel(GPT2Config(**config)).state_dict().items()}
         entries = [(k, from_torch(v.dtype).name, tuple(v.shape)) for k, v in sd.items()]
         for t in range(-1, tasks):
             with SafetensorsWriter(base if t < 0 else paths[t], entries) as w:

@@ -46,7 +46,7 @@ def join_planes(planes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if planes.dtype != torch.uint8 or planes.dim() != 2 or planes.shape[0] != itemsize:
         raise InputError(f"byte planes of {dtype}: expected a ({itemsize}, n) uint8 tensor, got "
                          f"{planes.dtype} {tuple(planes.shape)}")
-    return planes.t().contiguous().view(dtype).reshape(-1)  # little-endian: plane 0 is the low byte
+    return planes.t().contiguous().reshape(-1).view(dtype)  # little-endian: plane 0 is the low byte
 
 
 def add_rounded(theta0: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:

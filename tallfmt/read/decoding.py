@@ -36,7 +36,7 @@ from tallfmt.format.header import Item, Segment, TensorEntry
 from tallfmt.format.layout import Layout
 from tallfmt.format.planes import merge_planes
 from tallfmt.read.cache import SegmentCache
-from tallfmt.read.defaults import AHEAD_BYTES, KERNEL_STEP, KERNELS
+from tallfmt.read.defaults import AHEAD_BYTES, KERNEL_STEP, KERNELS, SMALL_TENSOR
 from tallfmt.read.jobs import Jobs, done
 from tallfmt.read.merges import get_merge
 
@@ -202,8 +202,8 @@ class ArchiveTensors:
         """Start decoding tensor ``e`` of task ``i``; a future of the tensor (None when the task does not
         have it). A masked tensor goes straight into ``out`` when given (a CPU tensor of its dtype and
         shape, contiguous; other tensors ignore it) and comes back on ``device``."""
-        if e.role != "masked":
-            return jobs.submit(lambda: _move(self.decode_entry(e, i), device))
+        if e.role != "masked" or (e.numel < SMALL_TENSOR and out is None and not self.use_torch(device)):
+            return jobs.submit(lambda: _move(self.decode_entry(e, i), device))  # one job: less overhead
         d = by_name(e.dtype)
         ins = [self.decoded(e, e.base, d.itemsize, jobs), self.decoded(e, e.tau, 4, jobs), jobs.submit(self.packed, e, i)]
         return jobs.after(ins, lambda: self._kernel(jobs, e, *(f.result() for f in ins), device, out))
@@ -212,7 +212,7 @@ class ArchiveTensors:
                 device: torch.device | None, out: torch.Tensor | None) -> Future | torch.Tensor:
         if self.use_torch(device):
             t = fused.decode(self.device_tensor(base, e.dtype, device), self.device_tensor(tau, "F32", device),
-                             torch.from_numpy(packed).to(device)).reshape(e.shape)
+                             to_torch(packed, by_name("U8")).to(device)).reshape(e.shape)
             return t if out is None else out.copy_(t)
         res = out if out is not None else empty(e.shape, e.dtype)
         o = storage_view(res)

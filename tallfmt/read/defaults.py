@@ -11,6 +11,9 @@ AHEAD_BYTES = 256 << 20
 #: Elements per kernel job: large enough that a job's overhead is noise, small enough to share a
 #: large tensor between the cores.
 KERNEL_STEP = 1 << 20
+#: Masked tensors with fewer elements decode in one job (planes one after the other): splitting them
+#: costs more in job overhead than it gains.
+SMALL_TENSOR = 1 << 16
 #: ``kernel=`` choices: numba on the CPU and torch on other devices, numba everywhere, or torch
 #: everywhere (the device-agnostic code CUDA runs).
 KERNELS = ("auto", "numba", "torch")

@@ -22,14 +22,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
 from tallfmt import kernels
 from tallfmt.compute import fused
-from tallfmt.compute.tensors import torch_dtype
+from tallfmt.compute.tensors import to_torch, torch_dtype
 from tallfmt.errors import InputError
 from tallfmt.format.dtypes import by_name
 from tallfmt.format.header import TensorEntry
@@ -37,8 +37,8 @@ from tallfmt.read.decoding import ArchiveTensors, storage_view
 from tallfmt.read.defaults import KERNEL_STEP
 from tallfmt.read.jobs import Jobs, done
 
-if TYPE_CHECKING:
-    from tallfmt.read.archive import Archive
+#: An open :class:`tallfmt.read.archive.Archive` (not imported: archive.py imports this module).
+Archive = Any
 
 NameMap = Mapping[str, str] | Callable[[str], "str | None"] | None
 #: How many names an error message lists.
@@ -221,6 +221,20 @@ def _same(a: Any, b: Any) -> bool:
     return a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b)
 
 
+def _same_resident(a: Any, b: Any) -> bool:
+    """Whether two rows' resident values give every task the same tensor."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, _Masked):
+        return all(_same(_np(x), _np(y)) for x, y in ((a.theta0, b.theta0), (a.theta1, b.theta1), (a.masks, b.masks)))
+    return len(a.values) == len(b.values) and all(
+        _same(a.values[a.group[k]], b.values[b.group[k]]) for k in range(len(a.values)))
+
+
+def _np(x: Any) -> np.ndarray:
+    return x.cpu().reshape(-1).view(torch.uint8).numpy() if isinstance(x, torch.Tensor) else x.reshape(-1).view(np.uint8)
+
+
 @dataclass
 class _Masked:
     row: Row
@@ -276,26 +290,33 @@ class Switcher:
                 rows.setdefault(name, row)
         self._masked: list[_Masked] = []
         self._stored: list[_Stored] = []
+        built: dict[str, _Masked | _Stored] = {}
         with torch.no_grad():
             for e in zoo.header.tensors:
                 row = rows.get(e.name)
                 if row is None:
                     continue
-                if row.checks:
-                    raise InputError(f"{self.path}: {e.name!r} and {row.checks[0][0]!r} are one tensor in the "
-                                     f"target but stored apart in the archive; a switcher cannot serve them "
-                                     f"(use load_into, which checks that they decode equal)")
-                if e.role == "masked":
-                    self._masked.append(self._resident_masked(t, row))
-                elif e.role == "shared":
-                    self._stored.append(_Stored(row, [t.decode_entry(e, None)], [0]))
-                else:
-                    vals = [t.decode_entry(e, i) for i in range(len(self.tasks))]
-                    group = _groups(vals)
-                    dev = row.tensors[0].device
-                    self._stored.append(_Stored(row, [v.to(dev) if v is not None and group[k] == k else None
-                                                      for k, v in enumerate(vals)], group))
+                built[e.name] = r = self._resident(t, row)
+                for first, _ in row.checks:  # the target ties rows the archive stores apart
+                    if not _same_resident(built[first], r):
+                        raise InputError(f"{self.path}: {e.name!r} and {first!r} are one tensor in the target but "
+                                         f"differ in the archive for some task; a switcher cannot serve them")
+                if not row.tensors:
+                    continue  # every tensor it would write is written by an equal row
+                (self._masked if isinstance(r, _Masked) else self._stored).append(r)
         self._current: int | None = None
+
+    def _resident(self, t: ArchiveTensors, row: Row) -> _Masked | _Stored:
+        e = row.entry
+        if e.role == "masked":
+            return self._resident_masked(t, row)
+        if e.role == "shared":
+            return _Stored(row, [t.decode_entry(e, None)], [0])
+        vals = [t.decode_entry(e, i) for i in range(len(self.tasks))]
+        group = _groups(vals)
+        dev = row.tensors[0].device if row.tensors else None
+        return _Stored(row, [v.to(dev) if v is not None and group[k] == k and dev is not None else
+                             (v if group[k] == k else None) for k, v in enumerate(vals)], group)
 
     def _resident_masked(self, t: ArchiveTensors, row: Row) -> _Masked:
         e = row.entry
@@ -308,13 +329,13 @@ class Switcher:
         packed = [t.packed(e, i) for i in range(len(self.tasks))]
         masks = np.stack(packed) if packed else np.zeros((0, (n + 7) // 8), np.uint8)
         group = _groups(packed)
-        dev = row.tensors[0].device
+        dev = row.tensors[0].device if row.tensors else torch.device("cpu")
         if dev.type == "cpu" and not self._torch:
             return _Masked(row, theta0.copy(), theta1, masks, group, False)
         d = by_name(e.dtype)
 
         def put(a: np.ndarray) -> torch.Tensor:
-            return torch.from_numpy(np.ascontiguousarray(a).view(np.uint8)).view(torch_dtype(d.name)).to(dev)
+            return to_torch(a, d).to(dev)
         return _Masked(row, put(theta0), put(theta1), torch.from_numpy(masks).to(dev), group, True)
 
     @property
