@@ -52,6 +52,19 @@ class Gpt2Zoo:
         return m.eval()
 
 
+def memory_table(model_bytes: int, resident: int, grown: int, tasks: int, grown_what: str) -> str:
+    """The switcher-memory table both serving benches print: resident bytes against the target
+    (2 + T/32) × model + 10 %."""
+    limit = (2 + tasks / 32) * 1.1
+    verdict = "met" if resident / model_bytes <= limit else "**missed**"
+    return C.md_table(["switcher memory", "bytes", "× model"], [
+        ["model (distinct tensors)", f"{model_bytes / 1e6:.1f} MB", "1.00×"],
+        ["switcher.resident_bytes (θ0, θ1, masks, per-task copies)", f"{resident / 1e6:.1f} MB",
+         f"{resident / model_bytes:.3f}× ({verdict}: ≤ (2 + {tasks}/32) × 1.1 = {limit:.3f}×)"],
+        [grown_what, f"{grown / 1e6:.1f} MB", f"{grown / model_bytes:.3f}×"],
+    ])
+
+
 def _delta(shape: tuple[int, ...], seed: int, density: float, sigma: float) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     keep = torch.rand(shape, generator=g) < density

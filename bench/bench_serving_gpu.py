@@ -66,14 +66,7 @@ def run(a: argparse.Namespace) -> None:
     grown = _allocated(device) - before
     mb = model_bytes(served)
     T = len(tasks)
-    limit = (2 + T / 32) * 1.1
-    print(C.md_table(["switcher memory", "bytes", "× model"], [
-        ["model on the device", f"{mb / 1e6:.1f} MB", "1.00×"],
-        ["switcher.resident_bytes", f"{switch.resident_bytes / 1e6:.1f} MB",
-         f"{switch.resident_bytes / mb:.3f}× ({'met' if switch.resident_bytes / mb <= limit else '**missed**'}: "
-         f"≤ {limit:.3f}×)"],
-        ["device memory_allocated growth", f"{grown / 1e6:.1f} MB", f"{grown / mb:.3f}×"],
-    ]), flush=True)
+    print(_gpt2.memory_table(mb, switch.resident_bytes, grown, T, "device memory_allocated growth"), flush=True)
 
     turn = {"later": 0, "into": 0, "switch": 0, "base": 0}
 
