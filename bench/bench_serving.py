@@ -83,6 +83,43 @@ def _cases(z: _gpt2.Gpt2Zoo, repeats: int) -> tuple[dict[str, C.Timed], dict[str
     return t, {n: n for n, _ in cases}
 
 
+def _cpu(fn) -> tuple[float, float]:
+    """(wall, user + system CPU seconds of this process) of one call."""
+    t0, c0 = time.perf_counter(), os.times()
+    fn()
+    c1 = os.times()
+    return time.perf_counter() - t0, (c1.user - c0.user) + (c1.system - c0.system)
+
+
+def _budget(z: _gpt2.Gpt2Zoo, repeats: int) -> str:
+    """Where a first decode's time goes: CPU time of the decode and of decompressing θ0 and τ_MTL alone
+    (one thread, every plane of every masked tensor), against load_file + clone's CPU time."""
+    import tallfmt
+    from safetensors.torch import load_file
+
+    from tallfmt.format.dtypes import by_name
+
+    def first() -> None:
+        with tallfmt.open(z.archive) as a:
+            a.decode(z.task_names[0])
+
+    def decompress() -> None:
+        with tallfmt.open(z.archive, cache_bytes=0) as a:
+            for e in a.header.tensors:
+                if e.role == "masked":
+                    a.tensors.decoded_now(e, e.base, by_name(e.dtype).itemsize)
+                    a.tensors.decoded_now(e, e.tau, 4)
+    rows = []
+    for name, fn in (("load_file + clone (torch threads 1)",
+                      C.with_torch_threads(1, lambda: C.clone_all(load_file(str(z.tasks[0]))))),
+                     ("first decode (2 threads)", first),
+                     ("checksum + decompress θ0 and τ_MTL only, one thread", decompress)):
+        runs = [_cpu(fn) for _ in range(repeats)]
+        gc.collect()
+        rows.append([name, f"{min(w for w, _ in runs) * 1e3:.0f} ms", f"{min(c for _, c in runs) * 1e3:.0f} ms"])
+    return C.md_table(["case", "best wall", "best CPU (user + sys)"], rows)
+
+
 def _rss() -> int:
     return C.proc_status().get("VmRSS", 0)
 
@@ -120,6 +157,7 @@ def _phase(name: str, z: _gpt2.Gpt2Zoo, a: argparse.Namespace) -> str:
         neighbour = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
         note = C.machine_note()
+        budget = _budget(z, max(2, a.repeats // 2))
         t, _ = _cases(z, a.repeats)
         py, info = _info_times(z.archive, a.info_repeats)
     finally:
@@ -149,7 +187,8 @@ def _phase(name: str, z: _gpt2.Gpt2Zoo, a: argparse.Namespace) -> str:
     return (f"### Phase: {name}\n\n{note}\n\n"
             + C.md_table(["case", "best", "median"], rows) + "\n\n"
             + f"References: load = {ref_load.name}; load_state_dict = {ref_lsd.name} (the faster of each pair).\n\n"
-            + C.md_table(["ratio", "measured", "target", ""], verdicts))
+            + C.md_table(["ratio", "measured", "target", ""], verdicts) + "\n\n"
+            + "Where a first decode's time goes (CPU time counts every thread):\n\n" + budget)
 
 
 def main(argv: list[str] | None = None) -> None:

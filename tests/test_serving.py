@@ -153,6 +153,8 @@ def test_torch_kernel_decodes_like_numba(zoos: dict[str, Path], kind: str) -> No
             want = zoo.decode(t)
             assert_holds(tz.decode(t, device="cpu"), want, f"{kind} torch decode {t}")
             assert_holds(tz.decode(t), want, f"{kind} torch decode {t}, no device")
+        # θ0 and τ of the three masked tensors are kept as tensors on each device they were decoded on
+        assert tz.cache_info()["segments"] == 12 and tz.cache_info()["hits"] >= 24
     with pytest.raises(InputError, match="kernel"):
         tallfmt.open(zoos["F32"], kernel="cuda")
 

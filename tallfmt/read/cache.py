@@ -1,6 +1,7 @@
 """The decoded-segment cache of an open archive: θ0 and τ_MTL of masked tensors as they come out of
-their codec (byte planes for ``byteplane-zstd``, bytes otherwise), kept up to a byte budget so that a
-later decode of another task skips checksums and decompression and only runs the fused kernel.
+their codec (byte planes for ``byteplane-zstd``, bytes otherwise) — or, for decodes on another
+device, as tensors on that device — kept up to a byte budget so that a later decode of another task
+skips checksums, decompression and transfers and only runs the fused kernel.
 
 Policy: a segment is kept when it fits in what is left of the budget, and stays until the archive is
 closed or :meth:`SegmentCache.clear` is called. Nothing is evicted: a decode reads the tensors in
@@ -34,11 +35,11 @@ class SegmentCache:
 
     def __init__(self, budget: int) -> None:
         self.budget = check_budget(budget)
-        self._items: dict[Hashable, np.ndarray] = {}
+        self._items: dict[Hashable, Any] = {}
         self._lock = threading.Lock()
         self.nbytes = self.hits = self.misses = 0
 
-    def get(self, key: Hashable) -> np.ndarray | None:
+    def get(self, key: Hashable) -> Any:
         with self._lock:
             arr = self._items.get(key)
             if arr is None:
@@ -47,14 +48,15 @@ class SegmentCache:
                 self.hits += 1
             return arr
 
-    def put(self, key: Hashable, arr: np.ndarray) -> bool:
-        """Keep ``arr`` (made read-only) if it fits in the budget; True when it is cached."""
+    def put(self, key: Hashable, arr: Any) -> bool:
+        """Keep ``arr`` (a numpy array, made read-only, or a tensor, which no reader writes) if it fits
+        in the budget; True when it is cached."""
         with self._lock:
             if key in self._items:
                 return True
             if self.nbytes + arr.nbytes > self.budget:
                 return False
-            if arr.flags.writeable:
+            if isinstance(arr, np.ndarray) and arr.flags.writeable:
                 arr.setflags(write=False)
             self._items[key] = arr
             self.nbytes += arr.nbytes

@@ -7,7 +7,8 @@ the tensor once its inputs are there, so both cores stay busy whatever the tenso
 and τ_MTL segments are kept in the archive's :class:`~tallfmt.read.cache.SegmentCache`, as byte
 planes when their codec is ``byteplane-zstd`` (the planar kernel reads them without merging), so a
 later decode of another task only reads its masks and runs the kernel. On a device other than the
-CPU the kernel is the torch code of :mod:`tallfmt.compute.fused`, run on that device.
+CPU the kernel is the torch code of :mod:`tallfmt.compute.fused`, run on that device, and the cache
+keeps θ0 and τ_MTL there (joined into elements), so a later decode moves only the task's masks.
 
 :class:`tallfmt.read.archive.Archive` creates one :class:`ArchiveTensors` on first use, so opening an
 archive and reading its header never imports torch or numba.
@@ -135,9 +136,9 @@ class ArchiveTensors:
     def _key(self, e: TensorEntry, seg: Segment) -> tuple[int, Segment]:
         return id(self.shard(e)), seg
 
-    def decoded(self, e: TensorEntry, seg: Segment, itemsize: int, jobs: Jobs) -> Future:
+    def decoded(self, e: TensorEntry, seg: Segment, itemsize: int, jobs: Jobs, keep: bool = True) -> Future:
         """A future of θ0's or τ_MTL's decoded segment (planes or bytes; see :meth:`_plan`), decoded
-        by jobs in ``jobs`` unless cached, and cached when done if it fits."""
+        by jobs in ``jobs`` unless cached, and cached when done if it fits (and ``keep``)."""
         key = self._key(e, seg)
         hit = self.cache.get(key)
         if hit is not None:
@@ -145,11 +146,26 @@ class ArchiveTensors:
         arr, work = self._plan(e, seg, itemsize)
         fut = jobs.gather([jobs.submit(w) for w in work], arr)
 
-        def keep(f: Future) -> None:
-            if not f.cancelled() and f.exception() is None:
+        def put(f: Future) -> None:
+            if keep and not f.cancelled() and f.exception() is None:
                 self.cache.put(key, arr)
-        fut.add_done_callback(keep)
+        fut.add_done_callback(put)
         return fut
+
+    def on_device(self, e: TensorEntry, seg: Segment, dtype: str, device: torch.device | None, jobs: Jobs) -> Future:
+        """A future of θ0 or τ_MTL as a flat tensor on ``device`` (planes joined there), cached there:
+        a later decode on that device moves nothing to it but the task's masks."""
+        key = (*self._key(e, seg), str(device))
+        hit = self.cache.get(key)
+        if hit is not None:
+            return done(hit)
+        host = self.decoded(e, seg, by_name(dtype).itemsize, jobs, keep=False)
+
+        def move() -> torch.Tensor:
+            t = self.device_tensor(host.result(), dtype, device)
+            self.cache.put(key, t)
+            return t
+        return jobs.after([host], move)
 
     def decoded_now(self, e: TensorEntry, seg: Segment, itemsize: int) -> np.ndarray:
         """:meth:`decoded`, in this thread."""
@@ -204,16 +220,22 @@ class ArchiveTensors:
         shape, contiguous; other tensors ignore it) and comes back on ``device``."""
         if e.role != "masked" or (e.numel < SMALL_TENSOR and out is None and not self.use_torch(device)):
             return jobs.submit(lambda: _move(self.decode_entry(e, i), device))  # one job: less overhead
+        mask = jobs.submit(self.packed, e, i)
+        if self.use_torch(device):
+            ins = [self.on_device(e, e.base, e.dtype, device, jobs), self.on_device(e, e.tau, "F32", device, jobs), mask]
+
+            def run_torch() -> torch.Tensor:
+                b, t, p = (f.result() for f in ins)
+                r = fused.decode(b, t, to_torch(p, by_name("U8")).to(device)).reshape(e.shape)
+                return r if out is None else out.copy_(r)
+            return jobs.after(ins, run_torch)
         d = by_name(e.dtype)
-        ins = [self.decoded(e, e.base, d.itemsize, jobs), self.decoded(e, e.tau, 4, jobs), jobs.submit(self.packed, e, i)]
+        ins = [self.decoded(e, e.base, d.itemsize, jobs), self.decoded(e, e.tau, 4, jobs), mask]
         return jobs.after(ins, lambda: self._kernel(jobs, e, *(f.result() for f in ins), device, out))
 
     def _kernel(self, jobs: Jobs, e: TensorEntry, base: np.ndarray, tau: np.ndarray, packed: np.ndarray,
                 device: torch.device | None, out: torch.Tensor | None) -> Future | torch.Tensor:
-        if self.use_torch(device):
-            t = fused.decode(self.device_tensor(base, e.dtype, device), self.device_tensor(tau, "F32", device),
-                             to_torch(packed, by_name("U8")).to(device)).reshape(e.shape)
-            return t if out is None else out.copy_(t)
+        """The numba decode over ranges of the tensor (into ``out`` or a new tensor), moved to ``device``."""
         res = out if out is not None else empty(e.shape, e.dtype)
         o = storage_view(res)
         b, t = planes_or_flat(base, e.dtype), planes_or_flat(tau, "F32")
