@@ -29,7 +29,7 @@ from tallfmt.format.header import Header, Item, TensorEntry
 from tallfmt.format.index import ShardIndex
 from tallfmt.format.layout import open_layout
 from tallfmt.read.cache import SegmentCache
-from tallfmt.read.defaults import AHEAD_BYTES, DEFAULT_CACHE_BYTES, KERNELS, MAX_THREADS
+from tallfmt.read.defaults import DEFAULT_CACHE_BYTES, KERNELS, MAX_THREADS
 from tallfmt.read.merges import DEFAULT_MERGE
 
 if TYPE_CHECKING:
@@ -142,13 +142,10 @@ class Archive:
                     ) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield (name, tensor) of one task model, tensor by tensor (bounded memory: a few hundred MB
         decoded ahead, plus the cache)."""
-        return self._iter_decode(task, device, AHEAD_BYTES)
-
-    def _iter_decode(self, task: str, device: Any, ahead: int | None) -> Iterator[tuple[str, torch.Tensor]]:
         i = self.task_index(task)
         t = self.tensors
         dev = _device(device)
-        return t.iterate(lambda jobs, e: t.start_decode(jobs, e, i, dev), ahead)
+        return t.iterate(lambda jobs, e: t.start_decode(jobs, e, i, dev))
 
     def decode(self, task: str, *, device: str | torch.device | None = None) -> dict[str, torch.Tensor]:
         """θ̂_t = θ0 + m_t ∘ τ_MTL for every tensor: original names, shapes and dtypes, on ``device``
@@ -159,7 +156,7 @@ class Archive:
             >>> sd = zoo.decode("sst2")                            # doctest: +SKIP
             >>> sd = zoo.decode("mnli", device="cuda")             # doctest: +SKIP
         """
-        return dict(self._iter_decode(task, device, None))
+        return dict(self.iter_decode(task, device=device))
 
     def decode_tensor(self, task: str, name: str, *, device: str | torch.device | None = None) -> torch.Tensor:
         """One tensor of one task model."""

@@ -256,10 +256,10 @@ class ArchiveTensors:
             return fused.join_planes(to_torch(arr, by_name("U8")).to(device), torch_dtype(dtype))
         return to_torch(arr.view(d.storage), d).to(device)
 
-    def iterate(self, start: StartFn, ahead_bytes: int | None = AHEAD_BYTES) -> Iterator[tuple[str, torch.Tensor]]:
+    def iterate(self, start: StartFn, ahead_bytes: int = AHEAD_BYTES) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield (name, tensor) in table order; ``start(jobs, row)`` begins a row's work (a future of its
         tensor or None) for each non-alias row, up to ``ahead_bytes`` of output ahead of what was
-        yielded (None: no bound). Only alias targets are kept after they are yielded."""
+        yielded (and at least one row). Only alias targets are kept after they are yielded."""
         targets = {e.target for e in self.header.tensors if e.role == "alias"}
         kept: dict[str, torch.Tensor | None] = {}
         with Jobs(self.threads) as jobs:
@@ -267,7 +267,7 @@ class ArchiveTensors:
             entries = iter(self.header.tensors)
             ahead = 0
             while True:
-                while not pending or ahead_bytes is None or ahead < ahead_bytes:
+                while not pending or ahead < ahead_bytes:
                     e = next(entries, None)
                     if e is None:
                         break
