@@ -29,7 +29,7 @@ from tallfmt.format.header import Header, Item, TensorEntry
 from tallfmt.format.index import ShardIndex
 from tallfmt.format.layout import open_layout
 from tallfmt.read.cache import SegmentCache
-from tallfmt.read.defaults import DEFAULT_CACHE_BYTES, KERNELS, MAX_THREADS
+from tallfmt.read.defaults import DEFAULT_CACHE_BYTES, MAX_THREADS, check_kernel
 from tallfmt.read.merges import DEFAULT_MERGE
 
 if TYPE_CHECKING:
@@ -39,7 +39,6 @@ if TYPE_CHECKING:
 
     from tallfmt.read.decoding import ArchiveTensors
     from tallfmt.read.serving import LoadResult, Switcher
-
 
 
 class Archive:
@@ -55,10 +54,8 @@ class Archive:
                  cache_bytes: int = DEFAULT_CACHE_BYTES, kernel: str = "auto") -> None:
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
             raise InputError(f"threads must be a positive integer, got {threads!r}")
-        if kernel not in KERNELS:
-            raise InputError(f"kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
         self.threads = threads or min(MAX_THREADS, os.cpu_count() or 1)
-        self.kernel = kernel
+        self.kernel = check_kernel(kernel)
         self.cache = SegmentCache(cache_bytes)
         self.layout = open_layout(path)
         self.path = self.layout.path  # the file, or a sharded archive's index
@@ -239,9 +236,11 @@ class Archive:
         """Yield (name, tensor) of a merged model, tensor by tensor."""
         import torch
 
+        from tallfmt.read.decoding import move
+
         dev = _device(device)
         fn = self.tensors.merge_fn(method, params, dev or torch.device("cpu"))
-        return self.tensors.iterate(lambda jobs, e: jobs.submit(lambda: _to(fn(e), dev)))
+        return self.tensors.iterate(lambda jobs, e: jobs.submit(lambda: move(fn(e), dev)))
 
     def merge(self, method: str = DEFAULT_MERGE, *, device: str | torch.device | None = None,
               **params: Any) -> dict[str, torch.Tensor]:
@@ -301,10 +300,6 @@ class Archive:
     def __repr__(self) -> str:
         shards = f", {len(self.shards)} shards" if self.index is not None else ""
         return f"<tallfmt.Archive {str(self.path)!r}: {len(self.tasks)} tasks, {len(self._entries)} tensors{shards}>"
-
-
-def _to(t: torch.Tensor | None, device: torch.device | None) -> torch.Tensor | None:
-    return t.to(device) if t is not None and device is not None else t
 
 
 def _device(device: Any) -> torch.device | None:

@@ -37,7 +37,7 @@ from tallfmt.format.header import Item, Segment, TensorEntry
 from tallfmt.format.layout import Layout
 from tallfmt.format.planes import merge_planes
 from tallfmt.read.cache import SegmentCache
-from tallfmt.read.defaults import AHEAD_BYTES, KERNEL_STEP, KERNELS, SMALL_TENSOR
+from tallfmt.read.defaults import AHEAD_BYTES, KERNEL_STEP, SMALL_TENSOR, check_kernel
 from tallfmt.read.jobs import Jobs, done
 from tallfmt.read.merges import get_merge
 
@@ -78,9 +78,7 @@ class ArchiveTensors:
     """Reads tensors of a layout (one file, or shards), each from the shard that holds it."""
 
     def __init__(self, layout: Layout, threads: int, cache: SegmentCache | None = None, kernel: str = "auto") -> None:
-        if kernel not in KERNELS:
-            raise InputError(f"kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
-        self.layout, self.threads, self.kernel = layout, threads, kernel
+        self.layout, self.threads, self.kernel = layout, threads, check_kernel(kernel)
         self.cache = cache if cache is not None else SegmentCache(0)
         self.header = layout.header
         self.tasks = layout.header.task_names
@@ -219,7 +217,7 @@ class ArchiveTensors:
         have it). A masked tensor goes straight into ``out`` when given (a CPU tensor of its dtype and
         shape, contiguous; other tensors ignore it) and comes back on ``device``."""
         if e.role != "masked" or (e.numel < SMALL_TENSOR and out is None and not self.use_torch(device)):
-            return jobs.submit(lambda: _move(self.decode_entry(e, i), device))  # one job: less overhead
+            return jobs.submit(lambda: move(self.decode_entry(e, i), device))  # one job: less overhead
         mask = jobs.submit(self.packed, e, i)
         if self.use_torch(device):
             ins = [self.on_device(e, e.base, e.dtype, device, jobs), self.on_device(e, e.tau, "F32", device, jobs), mask]
@@ -334,7 +332,8 @@ def _plane(r: ContainerReader, seg: Segment, frame: memoryview, out: np.ndarray,
         raise r.segment_error(seg, exc) from None
 
 
-def _move(t: torch.Tensor | None, device: torch.device | None) -> torch.Tensor | None:
+def move(t: torch.Tensor | None, device: torch.device | None) -> torch.Tensor | None:
+    """``t`` on ``device`` (None: where it is); None stays None."""
     return t.to(device) if t is not None and device is not None else t
 
 

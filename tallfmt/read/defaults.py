@@ -1,4 +1,6 @@
-"""The read side's defaults and choices in one place (no imports, so header-only code can use them)."""
+"""The read side's defaults and choices in one place (light: header-only code imports it)."""
+
+from tallfmt.errors import InputError
 
 #: Worker threads of a decode or merge, at most (by default: the CPU count up to this).
 MAX_THREADS = 4
@@ -17,3 +19,10 @@ SMALL_TENSOR = 1 << 16
 #: ``kernel=`` choices: numba on the CPU and torch on other devices, numba everywhere, or torch
 #: everywhere (the device-agnostic code CUDA runs).
 KERNELS = ("auto", "numba", "torch")
+
+
+def check_kernel(kernel: object) -> str:
+    """``kernel`` if it is one of :data:`KERNELS`, else InputError."""
+    if kernel not in KERNELS:
+        raise InputError(f"kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
+    return kernel  # type: ignore[return-value]

@@ -34,7 +34,7 @@ from tallfmt.errors import InputError
 from tallfmt.format.dtypes import by_name
 from tallfmt.format.header import TensorEntry
 from tallfmt.read.decoding import ArchiveTensors, storage_view
-from tallfmt.read.defaults import KERNEL_STEP
+from tallfmt.read.defaults import KERNEL_STEP, check_kernel
 from tallfmt.read.jobs import Jobs, done
 
 #: An open :class:`tallfmt.read.archive.Archive` (not imported: archive.py imports this module).
@@ -281,9 +281,7 @@ class Switcher:
         targets = target_tensors(target)
         mapfn = name_mapper(prefix, name_map)
         t = zoo.tensors
-        self._torch = kernel == "torch"
-        if kernel not in ("auto", "numba", "torch"):
-            raise InputError(f"kernel must be one of auto, numba, torch, got {kernel!r}")
+        self._torch = check_kernel(kernel) == "torch"
         rows: dict[str, Row] = {}
         for task in self.tasks:  # every task must fit the target
             for name, row in plan(zoo, targets, task, mapfn, strict, cast=False)[0].items():
