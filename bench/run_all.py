@@ -25,6 +25,8 @@ BENCHES = {  # name: (script, quick args, full args)
     "maskmath": ("bench_maskmath.py", ["--quick"], []),
     "encode_memory": ("bench_encode_memory.py", ["--quick"], []),
     "sharded": ("bench_sharded.py", ["--quick"], []),
+    "serving": ("bench_serving.py", ["--quick"], []),
+    "serving_gpu": ("bench_serving_gpu.py", ["--quick"], []),
 }
 
 

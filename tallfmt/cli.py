@@ -3,6 +3,7 @@
     tallfmt encode base.safetensors sst2.safetensors mnli.safetensors -o zoo.tall
     tallfmt info zoo.tall [--json]
     tallfmt decode zoo.tall sst2 -o sst2.safetensors
+    tallfmt decode zoo.tall sst2 mnli qqp -o models/          # models/sst2/, models/mnli/, models/qqp/
     tallfmt merge zoo.tall --merge consensus --k 2 --alpha 0.4 -o merged.safetensors
     tallfmt verify zoo.tall
     tallfmt stats zoo.tall --plot agreement.png
@@ -472,30 +473,44 @@ def _written(files: list[Path]) -> str:
     return f"{where} ({human_bytes(size)})"
 
 
-@cli.command(short_help="Write one task's model.")
+@cli.command(short_help="Write task models.")
 @click.argument("archive", type=click.Path(exists=False))
-@click.argument("task")
+@click.argument("tasks", nargs=-1, required=True, metavar="TASK [TASK ...]")
 @click.option("-o", "--output", required=True, type=click.Path(),
-              help="A .safetensors file, or a folder (HF-style, sharded above --max-shard-size).")
+              help="One task: a .safetensors file, or a folder (HF-style, sharded above --max-shard-size). "
+                   "Several: a folder that gets one such folder per task, named after it.")
 @click.option("--max-shard-size", default=None, help=SHARD_HELP)
 @click.option("--force", is_flag=True, help="Overwrite an existing output.")
-def decode(archive: str, task: str, output: str, max_shard_size: str | None, force: bool) -> None:
-    """Write TASK's model, θ0 + m_t ∘ τ_MTL, from ARCHIVE to OUTPUT.
+def decode(archive: str, tasks: tuple[str, ...], output: str, max_shard_size: str | None, force: bool) -> None:
+    """Write each TASK's model, θ0 + m_t ∘ τ_MTL, from ARCHIVE to OUTPUT.
 
     A folder OUTPUT also gets the task's stored files (config.json, tokenizer, …), so that
-    transformers' from_pretrained(OUTPUT) loads it.
+    transformers' from_pretrained(OUTPUT) loads it. Several tasks are decoded from one open archive:
+    θ0 and τ_MTL are decompressed once (the archive's cache), each later task reads only its masks.
     """
     out = Path(output)
-    shard = _check_model_output(out, force, max_shard_size)
+    dupes = sorted({t for t in tasks if tasks.count(t) > 1})
+    if dupes:
+        raise click.UsageError(f"tasks repeat: {', '.join(dupes)}")
+    if len(tasks) > 1 and out.name.endswith(".safetensors"):
+        raise click.UsageError("several tasks go to a folder (one per task), not to one .safetensors file")
+    outs = {t: out if len(tasks) == 1 else out / t for t in tasks}
     with _open(archive) as zoo:
-        zoo.task_info(task)  # an unknown task fails here, before anything is written
-        with _counting(zoo, "iter_decode", f"decode {task}", _output_bytes(zoo, zoo.task_index(task))):
-            files = zoo.decode_to(task, out, max_shard_size=shard, overwrite=force)
-        skipped = zoo.file_names(task) if out.name.endswith(".safetensors") else []
-    _say(f"{task}: wrote {_written(files)}")
-    if skipped:
-        names = ", ".join(skipped[:3]) + ("…" if len(skipped) > 3 else "")
-        _say(f"({plural(len(skipped), 'stored file')} not written, {names}: decode to a folder to get them)")
+        for task in tasks:  # an unknown task, or one that cannot name a folder, fails before anything is written
+            zoo.task_info(task)
+            if len(tasks) > 1 and (task in (".", "..") or any(c in task for c in "/\\\0")):
+                raise CommandError(f"task {task!r} cannot name a folder in {out}; decode it on its own")
+        shard = None
+        for o in outs.values():
+            shard = _check_model_output(o, force, max_shard_size)
+        for task, o in outs.items():
+            with _counting(zoo, "iter_decode", f"decode {task}", _output_bytes(zoo, zoo.task_index(task))):
+                files = zoo.decode_to(task, o, max_shard_size=shard, overwrite=force)
+            skipped = zoo.file_names(task) if o.name.endswith(".safetensors") else []
+            _say(f"{task}: wrote {_written(files)}")
+            if skipped:
+                names = ", ".join(skipped[:3]) + ("…" if len(skipped) > 3 else "")
+                _say(f"({plural(len(skipped), 'stored file')} not written, {names}: decode to a folder to get them)")
 
 
 def _output_bytes(zoo: Archive, task: int | None) -> int:

@@ -427,7 +427,21 @@ def test_kernels_recheck_lengths() -> None:
     # a direct (unvalidated) call with inconsistent lengths must raise, not read or write out of bounds
     with pytest.raises(ValueError):
         kdecode._decode_kernel(np.zeros(100, np.uint32), np.zeros(10, np.float32), np.zeros(13, np.uint8),
-                               np.zeros(100, np.uint32), 0)
+                               np.zeros(100, np.uint32), 0, 0, 100)
+    u8, f32 = np.zeros(100, np.uint32), np.zeros(100, np.float32)
+    for start, stop in ((0, 101), (8, 4), (3, 64), (-8, 8)):  # a range past the end, backwards, unaligned
+        with pytest.raises(ValueError):
+            kdecode._decode_kernel(u8, f32, np.zeros(13, np.uint8), np.zeros(100, np.uint32), 0, start, stop)
+        with pytest.raises(ValueError):
+            kdecode._select_kernel(u8, u8, np.zeros(13, np.uint8), np.zeros(100, np.uint32), start, stop)
+    with pytest.raises(ValueError):  # planes of the wrong count or length
+        kdecode._decode_planes_kernel(np.zeros((2, 100), np.uint8), np.zeros((4, 100), np.uint8),
+                                      np.zeros(13, np.uint8), np.zeros(100, np.uint32), 0, 0, 100)
+    with pytest.raises(ValueError):
+        kdecode._decode_planes_kernel(np.zeros((4, 100), np.uint8), np.zeros((4, 99), np.uint8),
+                                      np.zeros(13, np.uint8), np.zeros(100, np.uint32), 0, 0, 100)
+    with pytest.raises(ValueError):
+        kdecode._select_kernel(u8, u8[:99], np.zeros(13, np.uint8), np.zeros(100, np.uint32), 0, 100)
     with pytest.raises(ValueError):
         kbits._unpack_kernel(np.zeros(1, np.uint8), np.zeros(100, np.uint8))
     with pytest.raises(ValueError):

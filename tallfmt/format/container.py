@@ -131,6 +131,13 @@ class ContainerReader:
     def _locate(self, seg: Segment) -> str:
         return f"{self._where.get(id(seg), 'segment')} (segment at offset {seg.offset})"
 
+    def segment_error(self, seg: Segment, exc: FormatError) -> FormatError:
+        """``exc``, raised while decoding ``seg`` outside :meth:`read` (e.g. one byte plane at a time),
+        worded as :meth:`read` words its errors: this file, where the segment is, its codec."""
+        if str(exc).startswith(self.path):
+            return exc
+        return type(exc)(f"{self.path}: {self._locate(seg)}, codec {seg.codec}: {exc}")
+
     def read(self, seg: Segment, itemsize: int, out: np.ndarray | None = None) -> Buffer:
         """The decoded bytes of a segment (zero-copy for raw segments unless ``out`` is given; with
         ``out``, a uint8 array of ``decoded_length`` bytes, they are decoded into it), checksum

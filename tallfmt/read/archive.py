@@ -7,8 +7,12 @@
 
 Opening validates the header (and a sharded archive's index and shard headers) and memory-maps the
 data; what only reads the header (``tasks``, ``task_info``, ``roles``, ``sizes``) never imports torch
-or numba. Decoding a task reads θ0, τ_MTL and only that task's masks, and runs the fused numba kernel
-(θ0 + bit ? τ : 0, rounded once to the tensor's dtype). Merges run their float math in torch on
+or numba. Decoding a task reads θ0, τ_MTL and only that task's masks, and runs the fused kernel
+(θ0 + bit ? τ : 0, rounded once to the tensor's dtype): numba on the CPU, torch on another device.
+Decoded θ0 and τ_MTL stay in a cache of ``cache_bytes`` (default 2 GiB), so a later decode of
+another task reads only its masks. ``load_into`` writes a task into an existing model in place;
+``switcher`` keeps a model's θ0, θ0 + τ_MTL and masks resident and switches it between tasks
+without reading the file (:mod:`tallfmt.read.serving`). Merges run their float math in torch on
 ``device``.
 """
 
@@ -26,16 +30,18 @@ from tallfmt.format.header import Header, Item, TensorEntry
 from tallfmt.format.index import ShardIndex
 from tallfmt.format.layout import open_layout
 from tallfmt.format.outputs import MAX_SHARD_SIZE, OVERWRITE, check_model_output, new_folder_removed_on_failure
+from tallfmt.read.cache import SegmentCache
+from tallfmt.read.defaults import DEFAULT_CACHE_BYTES, MAX_THREADS, check_kernel
 from tallfmt.read.files import merge_note, write_files
 from tallfmt.read.merges import DEFAULT_MERGE, DEFAULT_PER_TASK, check_per_task, get_merge
 
 if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping
+
     import torch
 
     from tallfmt.read.decoding import ArchiveTensors
-
-#: Tensors decoded ahead in parallel by iter_decode/decode/merge, at most.
-MAX_THREADS = 4
+    from tallfmt.read.serving import LoadResult, Switcher
 
 
 class Archive:
@@ -44,12 +50,16 @@ class Archive:
 
     ``shards`` are the open files (one for a single file); each tensor is read from the shard that
     holds it. ``index`` is the sharded archive's parsed ``tall.index.json`` (None for a single file).
+    ``cache`` holds decoded θ0 and τ_MTL segments (see :func:`open`).
     """
 
-    def __init__(self, path: str | os.PathLike, *, threads: int | None = None) -> None:
+    def __init__(self, path: str | os.PathLike, *, threads: int | None = None,
+                 cache_bytes: int = DEFAULT_CACHE_BYTES, kernel: str = "auto") -> None:
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
             raise InputError(f"threads must be a positive integer, got {threads!r}")
         self.threads = threads or min(MAX_THREADS, os.cpu_count() or 1)
+        self.kernel = check_kernel(kernel)
+        self.cache = SegmentCache(cache_bytes)
         self.layout = open_layout(path)
         self.path = self.layout.path  # the file, or a sharded archive's index
         self.header: Header = self.layout.header
@@ -149,22 +159,26 @@ class Archive:
         if self._tensors is None:
             from tallfmt.read.decoding import ArchiveTensors
 
-            self._tensors = ArchiveTensors(self.layout, self.threads)
+            self._tensors = ArchiveTensors(self.layout, self.threads, self.cache, self.kernel)
         return self._tensors
 
     def iter_decode(self, task: str, *, device: str | torch.device | None = None
                     ) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield (name, tensor) of one task model, tensor by tensor (bounded memory)."""
+        """Yield (name, tensor) of one task model, tensor by tensor (bounded memory: a few hundred MB
+        decoded ahead, plus the cache)."""
         i = self.task_index(task)
         t = self.tensors
-        return t.iterate(lambda e: t.decode_entry(e, i), _device(device))
+        dev = _device(device)
+        return t.iterate(lambda jobs, e: t.start_decode(jobs, e, i, dev))
 
     def decode(self, task: str, *, device: str | torch.device | None = None) -> dict[str, torch.Tensor]:
-        """θ̂_t = θ0 + m_t ∘ τ_MTL for every tensor: original names, shapes and dtypes.
+        """θ̂_t = θ0 + m_t ∘ τ_MTL for every tensor: original names, shapes and dtypes, on ``device``
+        (decoded there: a CUDA device runs the decode in torch on the GPU).
 
         Tied tensors (role ``alias``) are the same tensor object, as in the original model.
 
             >>> sd = zoo.decode("sst2")                            # doctest: +SKIP
+            >>> sd = zoo.decode("mnli", device="cuda")             # doctest: +SKIP
         """
         return dict(self.iter_decode(task, device=device))
 
@@ -175,6 +189,51 @@ class Archive:
         if t is None:
             raise InputError(f"{self.path}: task {task!r} has no tensor {name!r}")
         return t.to(device) if device is not None else t
+
+    def load_into(self, target: torch.nn.Module | Mapping[str, torch.Tensor], task: str, *, prefix: str = "",
+                  name_map: Mapping[str, str] | Callable[[str], str | None] | None = None, strict: bool = True,
+                  cast: bool = False) -> LoadResult:
+        """Write task model ``task`` into ``target`` in place: an ``nn.Module``'s parameters and
+        persistent buffers, or a ``{name: tensor}`` mapping, each on the device and in the dtype it
+        already has (tied parameters stay tied: no tensor is replaced, each is written once).
+
+        Names: archive name ``n`` is ``prefix + name_map(n)`` in ``target`` (``name_map`` a mapping —
+        unlisted names stay — or a function returning None to skip a tensor). Like
+        ``load_state_dict(strict=True)``: InputError for names missing on either side (``strict=False``
+        skips them and returns them), and always for a shape mismatch or, unless ``cast``, a dtype one.
+        CPU tensors of the stored dtype are decoded straight into their memory.
+
+            >>> model = BertForSequenceClassification(config)   # doctest: +SKIP
+            >>> zoo.load_into(model, "sst2", prefix="bert.", strict=False)  # doctest: +SKIP
+        """
+        from tallfmt.read.serving import load_into
+
+        return load_into(self, target, task, prefix=prefix, name_map=name_map, strict=strict, cast=cast)
+
+    def switcher(self, target: torch.nn.Module | Mapping[str, torch.Tensor], *, prefix: str = "",
+                 name_map: Mapping[str, str] | Callable[[str], str | None] | None = None, strict: bool = True,
+                 kernel: str | None = None) -> Switcher:
+        """A :class:`~tallfmt.read.serving.Switcher` that serves every task of this archive in
+        ``target`` (names as :meth:`load_into`; dtypes must match): θ0, θ0 + τ_MTL rounded, and every
+        task's packed masks stay resident on each tensor's device, and ``switch(task)`` rewrites
+        ``target`` in place from them — one select pass, no reads from the file.
+
+            >>> switch = zoo.switcher(model)                     # doctest: +SKIP
+            >>> switch("sst2"); out = model(**batch)             # doctest: +SKIP
+            >>> switch("mnli"); out = model(**batch)             # doctest: +SKIP
+        """
+        from tallfmt.read.serving import Switcher
+
+        return Switcher(self, target, prefix=prefix, name_map=name_map, strict=strict,
+                        kernel=kernel or self.kernel)
+
+    def cache_info(self) -> dict[str, int]:
+        """The decoded-segment cache: ``budget``, ``bytes`` held, ``segments``, ``hits``, ``misses``."""
+        return self.cache.info()
+
+    def clear_cache(self) -> None:
+        """Drop every cached θ0 / τ_MTL segment (the next decode decompresses again)."""
+        self.cache.clear()
 
     def model_entries(self, i: int | None) -> list[tuple[str, str, tuple[int, ...]]]:
         """(name, dtype, shape) of each tensor the model of task index ``i`` (None: θ0, what merges
@@ -223,13 +282,15 @@ class Archive:
         """Yield (name, tensor) of a merged model, tensor by tensor (``per_task`` as in :meth:`merge`)."""
         import torch
 
+        from tallfmt.read.decoding import move
+
         policy = self._check_unmergeable(per_task)
         dev = _device(device)
         fn = self.tensors.merge_fn(method, params, dev or torch.device("cpu"))
         if policy == "drop":
             inner = fn
             fn = lambda e: None if e.role == "per_task" else inner(e)  # noqa: E731
-        return self.tensors.iterate(fn, dev)
+        return self.tensors.iterate(lambda jobs, e: jobs.submit(lambda: move(fn(e), dev)))
 
     def _check_unmergeable(self, per_task: str) -> str:
         """The policy, after refusing (``error``) or warning about the tensors a merge cannot merge."""
@@ -304,6 +365,7 @@ class Archive:
         self.tensors.verify()
 
     def close(self) -> None:
+        self.cache.clear()
         self.layout.close()
 
     def __enter__(self) -> Archive:
@@ -340,17 +402,26 @@ def _unmergeable_text(left: dict[str, str], policy: str) -> str:
     return f"{len(left)} tensor{'s' if len(left) != 1 else ''} stored per task cannot be merged; {'; '.join(parts)}"
 
 
-def open(path: str | os.PathLike, *, threads: int | None = None) -> Archive:  # noqa: A001 - like safe_open
+def open(path: str | os.PathLike, *, threads: int | None = None, cache_bytes: int = DEFAULT_CACHE_BYTES,
+         kernel: str = "auto") -> Archive:  # noqa: A001 - like safe_open
     """Open a .tall archive (validates the header, memory-maps the data; tensors are read lazily).
 
     ``path``: a .tall file, or a sharded archive's ``tall.index.json`` or the folder holding it
     (every shard is opened and checked against the index; FORMAT.md §9).
 
-    ``threads``: tensors decoded ahead in parallel by iter_decode/decode/merge (default: up to 4).
+    ``threads``: worker threads of a decode or merge (default: the CPU count, at most 4); a decode
+    splits into one job per byte plane and per range of the kernel, so they share even one tensor.
+
+    ``cache_bytes``: budget of the decoded θ0 / τ_MTL cache (default 2 GiB; 0: none). The segments a
+    decode decompresses are kept while they fit (first come, never evicted), so later decodes of any
+    task skip their checksum and decompression; :meth:`Archive.cache_info` says what it holds.
+
+    ``kernel``: ``auto`` (numba on the CPU, torch on other devices), ``numba``, or ``torch`` (the
+    device-agnostic torch code CUDA runs, on every device).
 
         >>> with tallfmt.open("zoo.tall") as zoo:                # doctest: +SKIP
         ...     print(zoo.tasks)
         >>> with tallfmt.open("zoo/") as zoo:                    # doctest: +SKIP
         ...     zoo.verify()
     """
-    return Archive(path, threads=threads)
+    return Archive(path, threads=threads, cache_bytes=cache_bytes, kernel=kernel)

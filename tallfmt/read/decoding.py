@@ -1,5 +1,14 @@
-"""Tensor reads of an open archive: stored copies, θ0, τ_MTL, masks, task models (the fused numba
-decode) and merged models (torch, on ``device``), streamed tensor by tensor in a small thread pool.
+"""Tensor reads of an open archive: stored copies, θ0, τ_MTL, masks, task models (the fused decode)
+and merged models (torch, on ``device``), streamed tensor by tensor.
+
+A task decode is a graph of short jobs on a small thread pool (:class:`~tallfmt.read.jobs.Jobs`):
+each byte plane of θ0 and τ_MTL decompresses on its own, and the fused kernel runs over ranges of
+the tensor once its inputs are there, so both cores stay busy whatever the tensor sizes. Decoded θ0
+and τ_MTL segments are kept in the archive's :class:`~tallfmt.read.cache.SegmentCache`, as byte
+planes when their codec is ``byteplane-zstd`` (the planar kernel reads them without merging), so a
+later decode of another task only reads its masks and runs the kernel. On a device other than the
+CPU the kernel is the torch code of :mod:`tallfmt.compute.fused`, run on that device, and the cache
+keeps θ0 and τ_MTL there (joined into elements), so a later decode moves only the task's masks.
 
 :class:`tallfmt.read.archive.Archive` creates one :class:`ArchiveTensors` on first use, so opening an
 archive and reading its header never imports torch or numba.
@@ -7,23 +16,32 @@ archive and reading its header never imports torch or numba.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
+from functools import partial
 from typing import Any
 
 import numpy as np
 import torch
 
 from tallfmt import kernels
-from tallfmt.compute import maskmath
-from tallfmt.compute.tensors import to_torch, torch_dtype
+from tallfmt.compute import fused, maskmath
+from tallfmt.compute.tensors import to_numpy, to_torch, torch_dtype
 from tallfmt.errors import FormatError, InputError
+from tallfmt.format.codecs import BytePlaneZstdCodec, get_codec, zstd_decompress_into
 from tallfmt.format.container import ContainerReader
 from tallfmt.format.dtypes import by_name
 from tallfmt.format.header import Item, Segment, TensorEntry
 from tallfmt.format.layout import Layout
+from tallfmt.format.planes import merge_planes
+from tallfmt.read.cache import SegmentCache
+from tallfmt.read.defaults import AHEAD_BYTES, KERNEL_STEP, SMALL_TENSOR, check_kernel
+from tallfmt.read.jobs import Jobs, done
 from tallfmt.read.merges import get_merge
+
+StartFn = Callable[[Jobs, TensorEntry], Future]
 
 
 def _writable(arr: np.ndarray) -> np.ndarray:
@@ -31,11 +49,37 @@ def _writable(arr: np.ndarray) -> np.ndarray:
     return arr if arr.flags.writeable else arr.copy()
 
 
+def storage_view(t: torch.Tensor) -> np.ndarray | None:
+    """The flat storage (numpy) of a CPU tensor that a kernel can write into, sharing its memory; None
+    when it is not a contiguous CPU tensor of a maskable dtype."""
+    if t.device.type != "cpu" or not t.is_contiguous() or t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return None
+    return to_numpy(t.detach().reshape(-1))
+
+
+def empty(shape: tuple[int, ...], dtype: str) -> torch.Tensor:
+    """A new CPU tensor whose memory numpy allocates: numpy asks the kernel for huge pages
+    (madvise), which makes a large output's first write several times cheaper than torch's 4 KiB pages."""
+    d = by_name(dtype)
+    return torch.from_numpy(np.empty(math.prod(shape) * d.itemsize, dtype=np.uint8)).view(torch_dtype(dtype)).reshape(shape)
+
+
+def planes_or_flat(arr: np.ndarray, dtype: str) -> np.ndarray:
+    """A decoded segment as the kernels take it: byte planes as they are, bytes as ``dtype``'s storage."""
+    return arr if arr.ndim == 2 else arr.view(by_name(dtype).storage)
+
+
+def flat(arr: np.ndarray, dtype: str) -> np.ndarray:
+    """A decoded segment as ``dtype``'s storage (byte planes merged)."""
+    return (merge_planes(arr) if arr.ndim == 2 else arr).view(by_name(dtype).storage)
+
+
 class ArchiveTensors:
     """Reads tensors of a layout (one file, or shards), each from the shard that holds it."""
 
-    def __init__(self, layout: Layout, threads: int) -> None:
-        self.layout, self.threads = layout, threads
+    def __init__(self, layout: Layout, threads: int, cache: SegmentCache | None = None, kernel: str = "auto") -> None:
+        self.layout, self.threads, self.kernel = layout, threads, check_kernel(kernel)
+        self.cache = cache if cache is not None else SegmentCache(0)
         self.header = layout.header
         self.tasks = layout.header.task_names
         self.entries = {t.name: t for t in layout.header.tensors}
@@ -62,12 +106,86 @@ class ArchiveTensors:
                               f"bits are not zero")
         return packed
 
+    def use_torch(self, device: torch.device | None) -> bool:
+        """Whether the torch kernels (rather than numba's) decode for ``device``."""
+        return self.kernel == "torch" or (self.kernel == "auto" and device is not None and device.type != "cpu")
+
+    # --- decoded θ0 / τ_MTL segments, through the cache -------------------------------------------
+    def _plan(self, e: TensorEntry, seg: Segment, itemsize: int) -> tuple[np.ndarray, list[Callable[[], None]]]:
+        """The array a segment decodes into and the jobs that fill it (checksum verified first).
+
+        byteplane-zstd: an (itemsize, n) array of planes, one job per plane; raw: a view, no job;
+        any other codec: its decoded bytes, one job."""
+        r = self.shard(e)
+        codec = get_codec(seg.codec)
+        if isinstance(codec, BytePlaneZstdCodec) and itemsize > 1:
+            stored = r.stored(seg)
+            try:
+                frames = codec.frames(stored, seg.decoded_length, itemsize)
+            except FormatError as exc:
+                raise r.segment_error(seg, exc) from None
+            planes = np.empty((itemsize, seg.decoded_length // itemsize), dtype=np.uint8)
+            return planes, [partial(_plane, r, seg, f, planes[k], k) for k, f in enumerate(frames)]
+        if seg.codec == "raw":
+            return np.frombuffer(r.read(seg, itemsize), dtype=np.uint8), []
+        out = np.empty(seg.decoded_length, dtype=np.uint8)
+        return out, [partial(r.read, seg, itemsize, out)]
+
+    def _key(self, e: TensorEntry, seg: Segment) -> tuple[int, Segment]:
+        return id(self.shard(e)), seg
+
+    def decoded(self, e: TensorEntry, seg: Segment, itemsize: int, jobs: Jobs, keep: bool = True) -> Future:
+        """A future of θ0's or τ_MTL's decoded segment (planes or bytes; see :meth:`_plan`), decoded
+        by jobs in ``jobs`` unless cached, and cached when done if it fits (and ``keep``)."""
+        key = self._key(e, seg)
+        hit = self.cache.get(key)
+        if hit is not None:
+            return done(hit)
+        arr, work = self._plan(e, seg, itemsize)
+        fut = jobs.gather([jobs.submit(w) for w in work], arr)
+
+        def put(f: Future) -> None:
+            if keep and not f.cancelled() and f.exception() is None:
+                self.cache.put(key, arr)
+        fut.add_done_callback(put)
+        return fut
+
+    def on_device(self, e: TensorEntry, seg: Segment, dtype: str, device: torch.device | None, jobs: Jobs) -> Future:
+        """A future of θ0 or τ_MTL as a flat tensor on ``device`` (planes joined there), cached there:
+        a later decode on that device moves nothing to it but the task's masks."""
+        key = (*self._key(e, seg), str(device))
+        hit = self.cache.get(key)
+        if hit is not None:
+            return done(hit)
+        host = self.decoded(e, seg, by_name(dtype).itemsize, jobs, keep=False)
+
+        def move() -> torch.Tensor:
+            t = self.device_tensor(host.result(), dtype, device)
+            self.cache.put(key, t)
+            return t
+        return jobs.after([host], move)
+
+    def decoded_now(self, e: TensorEntry, seg: Segment, itemsize: int) -> np.ndarray:
+        """:meth:`decoded`, in this thread."""
+        key = self._key(e, seg)
+        hit = self.cache.get(key)
+        if hit is not None:
+            return hit
+        arr, work = self._plan(e, seg, itemsize)
+        for w in work:
+            w()
+        self.cache.put(key, arr)
+        return arr
+
+    def theta0(self, e: TensorEntry) -> np.ndarray:
+        """θ0 of a masked tensor: its dtype's storage, flat."""
+        return flat(self.decoded_now(e, e.base, by_name(e.dtype).itemsize), e.dtype)
+
     def theta0_f32(self, e: TensorEntry, device: torch.device) -> torch.Tensor:
-        d = by_name(e.dtype)
-        return to_torch(self.array(e, e.base, e.dtype), d).to(device, dtype=torch.float32)
+        return to_torch(self.theta0(e), by_name(e.dtype)).to(device, dtype=torch.float32)
 
     def tau(self, e: TensorEntry, device: torch.device | None = None) -> torch.Tensor:
-        t = torch.from_numpy(_writable(self.array(e, e.tau, "F32")))
+        t = torch.from_numpy(_writable(flat(self.decoded_now(e, e.tau, 4), "F32")))
         return t.to(device) if device is not None else t
 
     def counts(self, e: TensorEntry) -> np.ndarray:
@@ -85,43 +203,86 @@ class ArchiveTensors:
             item = e.base_item if i is None else e.task_items[i]
             return None if item is None else self.item_tensor(e, item)
         d = by_name(e.dtype)
-        base = self.array(e, e.base, e.dtype)
         if i is None:
-            return to_torch(_writable(base).reshape(e.shape), d)
-        out = kernels.decode_masked(base, self.array(e, e.tau, "F32"), self.packed(e, i), dtype=e.dtype)
-        return to_torch(out.reshape(e.shape), d)
+            return to_torch(_writable(self.theta0(e)).reshape(e.shape), d)
+        base = planes_or_flat(self.decoded_now(e, e.base, d.itemsize), e.dtype)
+        tau = planes_or_flat(self.decoded_now(e, e.tau, 4), "F32")
+        out = empty(e.shape, e.dtype)
+        kernels.decode_into(base, tau, self.packed(e, i), storage_view(out), dtype=e.dtype, check_padding=False)
+        return out
 
-    def iterate(self, fn: Callable[[TensorEntry], torch.Tensor | None], device: torch.device | None
-                ) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield fn(tensor) in table order, computing up to ``threads`` tensors ahead in a thread pool
-        (the kernels, zstd and numpy release the GIL). Memory stays at a few tensors: only alias
-        targets are kept after they are yielded."""
+    def start_decode(self, jobs: Jobs, e: TensorEntry, i: int, device: torch.device | None,
+                     out: torch.Tensor | None = None) -> Future:
+        """Start decoding tensor ``e`` of task ``i``; a future of the tensor (None when the task does not
+        have it). A masked tensor goes straight into ``out`` when given (a CPU tensor of its dtype and
+        shape, contiguous; other tensors ignore it) and comes back on ``device``."""
+        if e.role != "masked" or (e.numel < SMALL_TENSOR and out is None and not self.use_torch(device)):
+            return jobs.submit(lambda: move(self.decode_entry(e, i), device))  # one job: less overhead
+        mask = jobs.submit(self.packed, e, i)
+        if self.use_torch(device):
+            ins = [self.on_device(e, e.base, e.dtype, device, jobs), self.on_device(e, e.tau, "F32", device, jobs), mask]
+
+            def run_torch() -> torch.Tensor:
+                b, t, p = (f.result() for f in ins)
+                r = fused.decode(b, t, to_torch(p, by_name("U8")).to(device)).reshape(e.shape)
+                return r if out is None else out.copy_(r)
+            return jobs.after(ins, run_torch)
+        d = by_name(e.dtype)
+        ins = [self.decoded(e, e.base, d.itemsize, jobs), self.decoded(e, e.tau, 4, jobs), mask]
+        return jobs.after(ins, lambda: self._kernel(jobs, e, *(f.result() for f in ins), device, out))
+
+    def _kernel(self, jobs: Jobs, e: TensorEntry, base: np.ndarray, tau: np.ndarray, packed: np.ndarray,
+                device: torch.device | None, out: torch.Tensor | None) -> Future | torch.Tensor:
+        """The numba decode over ranges of the tensor (into ``out`` or a new tensor), moved to ``device``."""
+        res = out if out is not None else empty(e.shape, e.dtype)
+        o = storage_view(res)
+        b, t = planes_or_flat(base, e.dtype), planes_or_flat(tau, "F32")
+
+        def run(a: int, z: int) -> None:
+            kernels.decode_into(b, t, packed, o, dtype=e.dtype, start=a, stop=z, check_padding=False)
+        fut = jobs.ranges(e.numel, KERNEL_STEP, run, res)
+        if device is None or out is not None:
+            return fut
+        return jobs.after([fut], lambda: res.to(device))
+
+    @staticmethod
+    def device_tensor(arr: np.ndarray, dtype: str, device: torch.device | None) -> torch.Tensor:
+        """A decoded segment (planes or bytes, possibly read-only) as a flat tensor of ``dtype`` on
+        ``device``, the planes joined there."""
+        d = by_name(dtype)
+        if arr.ndim == 2:
+            return fused.join_planes(to_torch(arr, by_name("U8")).to(device), torch_dtype(dtype))
+        return to_torch(arr.view(d.storage), d).to(device)
+
+    def iterate(self, start: StartFn, ahead_bytes: int = AHEAD_BYTES) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield (name, tensor) in table order; ``start(jobs, row)`` begins a row's work (a future of its
+        tensor or None) for each non-alias row, up to ``ahead_bytes`` of output ahead of what was
+        yielded (and at least one row). Only alias targets are kept after they are yielded."""
         targets = {e.target for e in self.header.tensors if e.role == "alias"}
         kept: dict[str, torch.Tensor | None] = {}
-
-        def run(e: TensorEntry) -> torch.Tensor | None:
-            t = fn(e)
-            return t.to(device) if t is not None and device is not None else t
-
-        with ThreadPoolExecutor(max_workers=self.threads) as pool:
-            pending: deque[tuple[TensorEntry, Future | None]] = deque()
+        with Jobs(self.threads) as jobs:
+            pending: deque[tuple[TensorEntry, Future | None, int]] = deque()
             entries = iter(self.header.tensors)
+            ahead = 0
             while True:
-                while len(pending) <= self.threads:
+                while not pending or ahead < ahead_bytes:
                     e = next(entries, None)
                     if e is None:
                         break
-                    pending.append((e, None if e.role == "alias" else pool.submit(run, e)))
+                    size = _nbytes(e)
+                    pending.append((e, None if e.role == "alias" else start(jobs, e), size))
+                    ahead += size
                 if not pending:
                     return
-                e, fut = pending.popleft()
+                e, fut, size = pending.popleft()
+                ahead -= size
                 target = self.resolve(e)
                 if fut is not None:
                     t = fut.result()
                 elif target.name in kept:
                     t = kept[target.name]
                 else:  # an alias listed before its target
-                    t = run(target)
+                    t = start(jobs, target).result()
                 if target.name in targets:
                     kept[target.name] = t
                 if t is not None:
@@ -162,6 +323,27 @@ class ArchiveTensors:
         for e in self.header.tensors:
             for i in range(len(e.masks)):
                 self.packed(e, i)
+
+
+def _plane(r: ContainerReader, seg: Segment, frame: memoryview, out: np.ndarray, k: int) -> None:
+    try:
+        zstd_decompress_into(frame, out, what=f"byteplane-zstd plane {k}")
+    except FormatError as exc:
+        raise r.segment_error(seg, exc) from None
+
+
+def move(t: torch.Tensor | None, device: torch.device | None) -> torch.Tensor | None:
+    """``t`` on ``device`` (None: where it is); None stays None."""
+    return t.to(device) if t is not None and device is not None else t
+
+
+def _nbytes(e: TensorEntry) -> int:
+    """Output bytes of a row in a task model (a per-task row: its largest copy)."""
+    if e.role in ("masked", "shared"):
+        return e.numel * by_name(e.dtype).itemsize
+    if e.role == "per_task":
+        return max((it.numel * by_name(it.dtype).itemsize for it in (e.base_item, *e.task_items) if it), default=0)
+    return 0
 
 
 def check_masked(e: TensorEntry, path: Any, name: str) -> TensorEntry:
