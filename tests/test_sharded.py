@@ -437,7 +437,12 @@ def test_index_threshold_rules(sharded: Callable[[str, int], Path], tmp_path: Pa
         _edit_index(folder, lambda o: o["thresholds"].update(ties=bad))
         with pytest.raises(FormatError, match=message):
             tallfmt.open(folder)
-    _edit_index(folder, lambda o: o["thresholds"].update(ties=[None, *good[1:]]))  # k = 0 is null
+    # null exactly when k = ⌈density · N⌉ = 0, N the masked parameters of all shards (checked after
+    # every shard is read): here k > 0, so a null is refused
+    _edit_index(folder, lambda o: o["thresholds"].update(ties=[None, *good[1:]]))
+    with pytest.raises(FormatError, match=r"thresholds\.ties\[0\]: None, but k = .* \(null exactly when k = 0\)"):
+        tallfmt.open(folder)
+    _edit_index(folder, lambda o: o["thresholds"].update(ties=good))
     tallfmt.open(folder).close()
 
 

@@ -5,8 +5,8 @@
     ...     sd = zoo.decode("sst2")                            # {name: tensor} as the fine-tune had it
     ...     merged = zoo.merge("consensus", k=2, alpha=0.4)
 
-Opening validates the header (and a sharded archive's index and shard headers) and memory-maps the
-data; what only reads the header (``tasks``, ``task_info``, ``roles``, ``sizes``) never imports torch
+Opening validates the header (and a sharded archive's index and shard headers); segments are read on
+demand (``pread``, or a memory map with ``mmap=True``); what only reads the header (``tasks``, ``task_info``, ``roles``, ``sizes``) never imports torch
 or numba. Decoding a task reads θ0, τ_MTL and only that task's masks, and runs the fused numba kernel
 (θ0 + bit ? τ : 0, rounded once to the tensor's dtype). Merges run their float math in torch on
 ``device``.
@@ -43,11 +43,15 @@ class Archive:
     holds it. ``index`` is the sharded archive's parsed ``tall.index.json`` (None for a single file).
     """
 
-    def __init__(self, path: str | os.PathLike, *, threads: int | None = None) -> None:
+    def __init__(self, path: str | os.PathLike, *, threads: int | None = None, mmap: bool = False,
+                 max_tensor_bytes: int | None = None) -> None:
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
             raise InputError(f"threads must be a positive integer, got {threads!r}")
+        if max_tensor_bytes is not None and (isinstance(max_tensor_bytes, bool) or not isinstance(max_tensor_bytes, int)
+                                             or max_tensor_bytes < 1):
+            raise InputError(f"max_tensor_bytes must be a positive integer, got {max_tensor_bytes!r}")
         self.threads = threads or min(MAX_THREADS, os.cpu_count() or 1)
-        self.layout = open_layout(path)
+        self.layout = open_layout(path, mmap=bool(mmap), max_tensor_bytes=max_tensor_bytes)
         self.path = self.layout.path  # the file, or a sharded archive's index
         self.header: Header = self.layout.header
         self.index: ShardIndex | None = self.layout.index
@@ -248,17 +252,23 @@ def _device(device: Any) -> torch.device | None:
     return torch.device(device)
 
 
-def open(path: str | os.PathLike, *, threads: int | None = None) -> Archive:  # noqa: A001 - like safe_open
-    """Open a .tall archive (validates the header, memory-maps the data; tensors are read lazily).
+def open(path: str | os.PathLike, *, threads: int | None = None, mmap: bool = False,  # noqa: A001 - like safe_open
+         max_tensor_bytes: int | None = None) -> Archive:
+    """Open a .tall archive (validates the header; tensors are read lazily).
 
     ``path``: a .tall file, or a sharded archive's ``tall.index.json`` or the folder holding it
     (every shard is opened and checked against the index; FORMAT.md §9).
 
     ``threads``: tensors decoded ahead in parallel by iter_decode/decode/merge (default: up to 4).
+    ``max_tensor_bytes``: the decode memory budget — reading a segment (a tensor's θ0, τ_MTL, one
+    mask, a stored copy) that decodes to more bytes raises LimitError before anything is allocated
+    (default: a quarter of the machine's memory, at least 1 GiB; FORMAT.md §6). ``mmap=True`` maps
+    the files instead of reading segments with ``pread`` (raw segments are then zero-copy, but a file
+    truncated in place by another program while it is read can kill the process with SIGBUS).
 
         >>> with tallfmt.open("zoo.tall") as zoo:                # doctest: +SKIP
         ...     print(zoo.tasks)
         >>> with tallfmt.open("zoo/") as zoo:                    # doctest: +SKIP
         ...     zoo.verify()
     """
-    return Archive(path, threads=threads)
+    return Archive(path, threads=threads, mmap=mmap, max_tensor_bytes=max_tensor_bytes)

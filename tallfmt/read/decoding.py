@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 from tallfmt import kernels
-from tallfmt.compute import maskmath
-from tallfmt.compute.tensors import to_torch, torch_dtype
+from tallfmt.compute import maskmath, rounding
+from tallfmt.compute.tensors import to_torch
 from tallfmt.errors import FormatError, InputError
 from tallfmt.format.container import ContainerReader
 from tallfmt.format.dtypes import by_name
@@ -62,9 +62,9 @@ class ArchiveTensors:
                               f"bits are not zero")
         return packed
 
-    def theta0_f32(self, e: TensorEntry, device: torch.device) -> torch.Tensor:
-        d = by_name(e.dtype)
-        return to_torch(self.array(e, e.base, e.dtype), d).to(device, dtype=torch.float32)
+    def theta0(self, e: TensorEntry, device: torch.device) -> torch.Tensor:
+        """θ0 of a masked tensor in its own dtype, flat, on ``device``."""
+        return to_torch(self.array(e, e.base, e.dtype), by_name(e.dtype)).to(device)
 
     def tau(self, e: TensorEntry, device: torch.device | None = None) -> torch.Tensor:
         t = torch.from_numpy(_writable(self.array(e, e.tau, "F32")))
@@ -136,12 +136,13 @@ class ArchiveTensors:
         def fn(e: TensorEntry) -> torch.Tensor | None:
             if e.role != "masked":
                 return self.decode_entry(e, None)
-            theta0 = self.theta0_f32(e, device)
+            native = self.theta0(e, device)
+            theta0 = rounding.widen(native)
             tau = self.tau(e, device) if "tau" in m.needs else None
             counts = (torch.from_numpy(self.counts(e).astype(np.int32)).to(device)
                       if "counts" in m.needs else None)
             merged = m.apply(theta0=theta0, tau=tau, counts=counts, **checked)
-            return merged.to(torch_dtype(e.dtype)).reshape(e.shape).cpu()
+            return rounding.round_merged(merged, native, theta0).reshape(e.shape).cpu()
         return fn
 
     # --- masks and statistics -------------------------------------------------------------------
@@ -157,11 +158,8 @@ class ArchiveTensors:
         return total
 
     def verify(self) -> None:
-        for shard in self.layout.readers:
+        for shard in self.layout.readers:  # each segment once: checksum, codec, BOOL bytes, mask padding
             shard.verify()
-        for e in self.header.tensors:
-            for i in range(len(e.masks)):
-                self.packed(e, i)
 
 
 def check_masked(e: TensorEntry, path: Any, name: str) -> TensorEntry:

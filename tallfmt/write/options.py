@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import math
 import numbers
-import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from tallfmt.errors import InputError
 from tallfmt.format import codecs
-from tallfmt.format.header import MASK_METHODS, MAX_NAME_BYTES, MAX_TASKS, MERGE_METHODS
+from tallfmt.format.header import MASK_METHODS, MAX_NAME_BYTES, MAX_TASKS, MERGE_METHODS, fits_float32
 
 #: Tensors stored per task (verbatim) when they differ, even if float: batch-norm statistics are not
 #: weights, and θ0 + Σ_t of their changes can be meaningless (a negative variance).
@@ -133,15 +132,6 @@ def _fraction(name: str, v: Any) -> float:
     return float(v)
 
 
-def _fits_float32(v: float) -> bool:
-    # the masks use float32(λ) (FORMAT.md §4.3); a λ that rounds to inf must be refused up front, by name
-    try:
-        struct.pack("<f", v)
-    except OverflowError:
-        return False
-    return True
-
-
 def _lambdas(lambdas: Any, tasks: tuple[str, ...]) -> dict[str, float]:
     if isinstance(lambdas, Mapping):
         unknown = set(lambdas) - set(tasks)
@@ -155,7 +145,7 @@ def _lambdas(lambdas: Any, tasks: tuple[str, ...]) -> dict[str, float]:
         out = {t: lambdas for t in tasks}
     for t, v in out.items():
         if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or v <= 0 \
-                or not _fits_float32(v):
+                or not fits_float32(v):  # the masks use float32(λ), FORMAT.md §4.3
             raise InputError(f"lambda for task {t!r} must be a finite number > 0 that fits in float32, got {v!r}")
     return {t: float(v) for t, v in out.items()}
 
