@@ -32,6 +32,7 @@ from tallfmt import __version__
 from tallfmt.errors import TallError
 from tallfmt.format import codecs
 from tallfmt.format.header import MASK_METHODS, MERGE_METHODS
+from tallfmt.format.jsonio import is_text
 from tallfmt.read.merges import DEFAULT_MERGE, MERGES
 from tallfmt.summary import agreement_table, format_summary, human_bytes, pct, plot_agreement, summary, text_table
 from tallfmt.write.options import DEFAULTS, MISMATCH, SCOPES, TIES_AGGS
@@ -49,11 +50,17 @@ GENERIC_STEMS = {"model", "pytorch_model", "adapter_model", "diffusion_pytorch_m
 # Errors, output and progress
 
 
+def echo(text: str, err: bool = False) -> None:
+    """click.echo that never fails on text that is not Unicode (a path whose bytes are not UTF-8 comes
+    in as lone surrogates): those are shown as backslash escapes."""
+    click.echo(text.encode("utf-8", "backslashreplace").decode("utf-8"), err=err)
+
+
 class CommandError(click.ClickException):
     """A failure reported as one line, ``tallfmt: error: ...``, exit code 1."""
 
     def show(self, file: Any = None) -> None:
-        click.echo(f"tallfmt: error: {self.format_message()}", err=True)
+        echo(f"tallfmt: error: {self.format_message()}", err=True)
 
 
 def load_plugins() -> None:
@@ -72,7 +79,7 @@ def load_plugins() -> None:
             try:
                 obj = ep.load()
             except Exception as exc:  # a broken plugin must not break every command
-                click.echo(f"tallfmt: warning: plugin {ep.name!r} ({ep.value}) failed to load: {exc}", err=True)
+                echo(f"tallfmt: warning: plugin {ep.name!r} ({ep.value}) failed to load: {exc}", err=True)
                 continue
             known = codecs.CODECS if group == "tallfmt.codecs" else MERGES
             if getattr(obj, "codec_id", getattr(obj, "name", None)) not in known:
@@ -136,7 +143,7 @@ def _settings() -> _Settings:
 def _say(msg: str = "") -> None:
     """Informational output that --quiet silences (info/stats tables are not silenced)."""
     if not _settings().quiet:
-        click.echo(msg)
+        echo(msg)
 
 
 @contextmanager
@@ -242,6 +249,8 @@ def _parse_metadata(values: tuple[str, ...]) -> dict[str, str]:
         k, sep, val = v.partition("=")
         if not sep or not k:
             raise click.BadParameter(f"{v!r}: expected key=value", param_hint="--metadata")
+        if not is_text(v):
+            raise click.BadParameter(f"{v!r} is not valid UTF-8", param_hint="--metadata")
         out[k] = val
     return out
 
@@ -300,6 +309,12 @@ def encode(base: str, finetunes: tuple[str, ...], output: str, names: tuple[str,
     if names and len(names) != len(finetunes):
         raise click.BadParameter(f"got {len(names)} names for {len(finetunes)} fine-tunes", param_hint="--name")
     tasks = list(names) if names else [task_name_of(f) for f in finetunes]
+    for t, f in zip(tasks, finetunes):
+        if not is_text(t):
+            if names:
+                raise CommandError(f"--name {t!r} is not valid UTF-8")
+            raise CommandError(f"{f!r}: its file or folder name, {t!r}, is not valid UTF-8, so it cannot name the "
+                               f"task; name the task with --name")
     dupes = sorted({t for t in tasks if tasks.count(t) > 1})
     if dupes:
         raise click.UsageError(f"task names repeat ({', '.join(dupes)}); name the tasks with --name, once per FT")
@@ -334,7 +349,7 @@ def info(archive: str, as_json: bool) -> None:
     """Tasks, tensor roles, bytes per part and compression ratios of ARCHIVE."""
     with _open(archive) as zoo:
         s = summary(zoo)
-    click.echo(json.dumps(s, indent=2, ensure_ascii=False) if as_json else format_summary(s))
+    echo(json.dumps(s, indent=2, ensure_ascii=False) if as_json else format_summary(s))
 
 
 def _refuse_existing(out: Path, force: bool) -> None:
@@ -495,7 +510,7 @@ def stats(archive: str, plot: str | None, as_json: bool) -> None:
     if plot is not None:
         plot_agreement(Path(plot), f"{name}: {T} tasks, {sum(counts):,} masked parameters", rows, tasks)
     if as_json:
-        click.echo(json.dumps({"num_tasks": T, "masked_params": sum(counts), "agreement": rows,
+        echo(json.dumps({"num_tasks": T, "masked_params": sum(counts), "agreement": rows,
                                "mask_density": {t["name"]: t["mask_density"] for t in tasks}}, indent=2))
         return
     lines = [f"{archive}: {sum(counts):,} masked parameters, {T} tasks", ""]
@@ -507,7 +522,7 @@ def stats(archive: str, plot: str | None, as_json: bool) -> None:
     lines += text_table([["task", "mask density"]] + [[t["name"], pct(t["mask_density"])] for t in tasks], "lr")
     if plot is not None:
         lines += ["", f"plot: {plot}"]
-    click.echo("\n".join(lines))
+    echo("\n".join(lines))
 
 
 @cli.command(short_help="Build a small real zoo, then encode, decode, merge and verify it.")

@@ -31,6 +31,7 @@ import torch
 
 from tallfmt.compute.tensors import from_torch, to_torch
 from tallfmt.errors import InputError
+from tallfmt.format.container import open_regular
 from tallfmt.format.dtypes import DTYPES, DType
 from tallfmt.format.jsonio import loads_strict_object
 
@@ -200,11 +201,7 @@ class _SafetensorsFile(Checkpoint):
         self.path, self.source, self.label = path, str(path), label
         self._mm: mmap.mmap | None = None
         self._u8: np.ndarray | None = None
-        try:
-            f = open(path, "rb")
-        except OSError as exc:
-            raise InputError(f"{path}: cannot open ({exc.strerror})") from None
-        with f:
+        with os.fdopen(open_regular(str(path), InputError, "a .safetensors file"), "rb") as f:
             size = os.fstat(f.fileno()).st_size
             head = f.read(8)
             if len(head) < 8:
@@ -288,12 +285,14 @@ class _ShardedCheckpoint(Checkpoint):
         self.path, self.source, self.label = index, str(index), label
         self._shards: dict[str, _SafetensorsFile] = {}
         try:
-            size = index.stat().st_size
-            if size > MAX_HEADER_BYTES:
-                raise self._fail(f"index is {size} bytes, over the {MAX_HEADER_BYTES}-byte limit")
-            obj = _load_json(index.read_bytes(), self._fail, "index")
+            with os.fdopen(open_regular(str(index), InputError, "an index file"), "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                if size > MAX_HEADER_BYTES:
+                    raise self._fail(f"index is {size} bytes, over the {MAX_HEADER_BYTES}-byte limit")
+                raw = f.read(MAX_HEADER_BYTES + 1)
         except OSError as exc:
             raise InputError(f"{index}: cannot read ({exc.strerror})") from None
+        obj = _load_json(raw, self._fail, "index")
         wm = obj.get("weight_map")
         if not isinstance(wm, dict):
             raise self._fail("index has no weight_map object {name: shard file}")
@@ -363,6 +362,12 @@ class _DictCheckpoint(Checkpoint):
                 raise InputError(f"{source}: tensor {k!r} has layout {t.layout}; only dense tensors are supported")
             if t.is_meta:
                 raise InputError(f"{source}: tensor {k!r} is on the meta device and holds no data")
+            need = t.numel() * t.element_size()
+            held = t.untyped_storage().nbytes() - t.storage_offset() * t.element_size()
+            if need > held:  # a stride-0 or overlapping view: storing it would materialise `need` bytes
+                raise InputError(f"{source}: tensor {k!r} of shape {list(t.shape)[:8]} needs {need:,} bytes but its "
+                                 f"storage holds {held:,} (a stride-0 or overlapping view, e.g. from expand()); "
+                                 f"store a dense tensor")
             try:
                 from_torch(t.dtype)
             except KeyError:
@@ -401,8 +406,8 @@ def _unpickle_reason(exc: BaseException) -> str:
 
 
 def _load_torch(path: Path, label: str | None) -> _DictCheckpoint:
-    try:
-        with open(path, "rb") as f:
+    try:  # a FIFO, a device or a link to /dev/zero is refused here, before torch reads from it
+        with os.fdopen(open_regular(str(path), InputError, "a torch file"), "rb") as f:
             is_zip = f.read(4) == b"PK\x03\x04"
     except OSError as exc:
         raise InputError(f"{path}: cannot open ({exc.strerror})") from None

@@ -19,6 +19,7 @@ import mmap as _mmap
 import os
 import stat
 import struct
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -304,8 +305,9 @@ class ContainerWriter:
         self._write(view)
         return seg
 
-    def finish(self, header: Header) -> Path:
-        """Write header and preamble, fsync, rename into place. Returns the final path."""
+    def finish(self, header: Header, name: Callable[[str], str] | None = None) -> Path:
+        """Write header and preamble, fsync, rename into place. Returns the final path: the target,
+        or — with ``name`` — the file in the same folder named ``name(header_xxh3)`` (16 hex digits)."""
         raw = header.to_bytes()
         if len(raw) > MAX_HEADER_BYTES:
             self.abort()
@@ -323,7 +325,7 @@ class ContainerWriter:
             self.abort()
             raise write_error(self.path, f"cannot finish {self.tmp_path.name}", exc) from exc
         self._out.write(pre)
-        return self._out.commit()
+        return self._out.commit(None if name is None else name(f"{xxhash.xxh3_64_intdigest(raw):016x}"))
 
     def abort(self) -> None:
         """Drop the temporary file; ``path`` is left as it was."""

@@ -343,6 +343,12 @@ class HeaderChecker:
         return s
 
     def shape(self, v: Any, where: str, itemsize: int) -> tuple[int, ...]:
+        if type(v) is list and len(v) <= MAX_NDIM and all(type(d) is int and 0 <= d <= MAX_DIM for d in v):
+            shape = tuple(v)  # the common case, checked without building a message per dimension
+            r = shape_refusal(shape, itemsize)
+            if r is not None:
+                raise self.refuse(where, r)
+            return shape
         if not isinstance(v, list):
             raise self.fail(where, f"expected an array, got {type(v).__name__}")
         if len(v) > MAX_NDIM:  # before looking at the dimensions
@@ -353,12 +359,23 @@ class HeaderChecker:
             raise self.refuse(where, r)
         return shape
 
-    def segment(self, v: Any, where: str, decoded_length: int) -> Segment:
+    def segment(self, v: Any, where: str, decoded_length: int, index: int | None = None) -> Segment:
+        """A SEGMENT object at ``where`` (``where[index]`` in a list) of ``decoded_length`` bytes."""
+        if type(v) is dict and (len(v) == 5 or not self.strict) and _SEGMENT_KEYS <= v.keys():
+            off, ln, dl, codec, x = v["offset"], v["length"], v["decoded_length"], v["codec"], v["xxh3"]
+            if (type(off) is int and type(ln) is int and type(dl) is int and type(codec) is str and type(x) is str
+                    and 0 <= off <= MAX_INT and 0 <= ln <= MAX_INT and dl == decoded_length and codec in CODECS
+                    and len(x) == 16 and _HEX.issuperset(x) and (codec != "raw" or ln == dl)
+                    and dl <= MAX_EXPANSION * ln + 4096):
+                return Segment(off, ln, dl, codec, x)  # valid: no message built
+        return self._segment(v, where if index is None else f"{where}[{index}]", decoded_length)
+
+    def _segment(self, v: Any, where: str, decoded_length: int) -> Segment:
         o = self.obj(v, where, _SEGMENT_KEYS)
         seg = Segment(self.int_(o["offset"], f"{where}.offset"), self.int_(o["length"], f"{where}.length"),
                       self.int_(o["decoded_length"], f"{where}.decoded_length"),
                       self.str_(o["codec"], f"{where}.codec", tuple(CODECS)), self.str_(o["xxh3"], f"{where}.xxh3"))
-        if len(seg.xxh3) != 16 or not _is_hex16(seg.xxh3):
+        if len(seg.xxh3) != 16 or not _HEX.issuperset(seg.xxh3):
             raise self.fail(f"{where}.xxh3", "expected 16 lowercase hex digits")
         if seg.decoded_length != decoded_length:
             raise self.fail(f"{where}.decoded_length",
@@ -394,7 +411,7 @@ class HeaderChecker:
             return TensorEntry(name, role, dt, shape,
                                base=self.segment(o["base"], f"{where}.base", n * isz),
                                tau=self.segment(o["tau"], f"{where}.tau", n * 4),
-                               masks=tuple(self.segment(m, f"{where}.masks[{i}]", (n + 7) // 8)
+                               masks=tuple(self.segment(m, at, (n + 7) // 8, i) for at in (f"{where}.masks",)
                                            for i, m in enumerate(masks)))
         if role == "shared":
             o = self.obj(o, where, {"name", "role", "dtype", "shape", "data"})
@@ -510,10 +527,6 @@ _ROW_KEYS = frozenset({"dtype", "shape", "base", "tau", "masks", "data", "tasks"
 _MERGE_PARAMS = {"task_arithmetic": frozenset(), "ties": frozenset({"density", "agg", "scope"})}
 _MASK_PARAMS = {"tall": frozenset(), "magnitude": frozenset({"density", "scope"})}
 _HEX = frozenset("0123456789abcdef")
-
-
-def _is_hex16(s: str) -> bool:
-    return _HEX.issuperset(s)
 
 
 def load_json_object(raw: bytes, path: str, what: str = "header", minor: int = MINOR,

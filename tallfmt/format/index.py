@@ -1,8 +1,8 @@
 """The index of a sharded archive, ``tall.index.json`` (FORMAT.md §9.2, §9.3): its model, how it is
 sealed with its own checksum, and its checks.
 
-    >>> shard_name(1, 3)
-    'model-00001-of-00003.tall'
+    >>> shard_name(1, 3, "0123456789abcdef")
+    'model-00001-of-00003-0123456789abcdef.tall'
 """
 
 from __future__ import annotations
@@ -25,14 +25,23 @@ INDEX_MAJOR, INDEX_MINOR = 1, 0
 MAX_SHARDS = 99_999                     # five digits in the shard file names
 MAX_INDEX_BYTES = 256 * 1024 * 1024
 MAX_FILE_NAME_BYTES = 255               # what common filesystems allow for one path component
-SHARD_RE = re.compile(r"model-\d{5}-of-\d{5}\.tall")
+# The writer's shard names (and those of tallfmt before content-named shards): files of the folder
+# that match and that the index does not list are leftovers a later encode removes (FORMAT.md §9.5).
+SHARD_RE = re.compile(r"model-\d{5}-of-\d{5}(-[0-9a-f]{16})?\.tall")
 # The index ends with its own checksum: `"checksum": "<16 hex>"` closing the top-level object.
 _CHECKSUM_TAIL = re.compile(rb'"checksum"[ \t\r\n]*:[ \t\r\n]*"([0-9a-f]{16})"[ \t\r\n]*\}[ \t\r\n]*\Z')
 _HEX16 = re.compile(r"[0-9a-f]{16}")
 
 
-def shard_name(i: int, n: int) -> str:
-    """The file name of shard ``i`` (1-based) of ``n``."""
+def shard_name(i: int, n: int, header_xxh3: str) -> str:
+    """The file name of shard ``i`` (1-based) of ``n`` whose header checksum is ``header_xxh3``: named
+    by its content, a new shard never takes the name of a different shard an older index lists."""
+    return f"model-{i:05d}-of-{n:05d}-{header_xxh3}.tall"
+
+
+def plan_name(i: int, n: int) -> str:
+    """The name shard ``i`` of ``n`` is written under before its content is known (its temporary file
+    is ``.<plan name>.<pid>-<random>.tmp``, FORMAT.md §8)."""
     return f"model-{i:05d}-of-{n:05d}.tall"
 
 

@@ -18,7 +18,7 @@ import torch
 from tallfmt.compute import maskmath
 from tallfmt.format.container import ContainerWriter
 from tallfmt.format.header import Header, TaskEntry
-from tallfmt.format.index import read_header_xxh3
+from tallfmt.format.index import read_header_xxh3, shard_name
 from tallfmt.write import thresholds as th
 from tallfmt.write.inputs import Inputs, open_inputs
 from tallfmt.write.options import EncodeOptions
@@ -86,9 +86,12 @@ def shard_histograms(job: ShardJob, templates: th.Selections, method: str, progr
 
 
 def encode_shard(job: ShardJob, thresholds: dict[str, torch.Tensor | None], path: str | Path,
-                 overwrite: bool = True, progress: Progress = None) -> ShardResult:
-    """Write the shard as a complete .tall file at ``path`` (atomically). Roles not decided yet are
-    decided here (encodes without a global step read each tensor once)."""
+                 overwrite: bool = True, progress: Progress = None, number: tuple[int, int] | None = None
+                 ) -> ShardResult:
+    """Write the shard as a complete .tall file at ``path`` (atomically). With ``number`` = (i, n)
+    the file is named by its content instead, :func:`~tallfmt.format.index.shard_name` in ``path``'s
+    folder. Roles not decided yet are decided here (encodes without a global step read each tensor
+    once)."""
     opts = job.options
     with _opened(job) as inputs, ContainerWriter(path, overwrite=overwrite) as writer:
         enc = TensorEncoder(inputs, opts, thresholds)
@@ -100,6 +103,7 @@ def encode_shard(job: ShardJob, thresholds: dict[str, torch.Tensor | None], path
             if progress is not None:
                 progress(inputs.tensor_bytes(p.name))
         tasks = tuple(TaskEntry(t, opts.lambdas.get(t), enc.stats[i].result()) for i, t in enumerate(opts.tasks))
-        final = writer.finish(Header(tasks, opts.encoding(), tuple(entries), dict(opts.metadata)))
+        name = None if number is None else (lambda h: shard_name(*number, h))
+        final = writer.finish(Header(tasks, opts.encoding(), tuple(entries), dict(opts.metadata)), name)
     return ShardResult(str(final), final.stat().st_size, read_header_xxh3(final), enc.stats,
                        RoleSummary.of(entries))
