@@ -237,7 +237,7 @@ class _SafetensorsFile(Checkpoint):
         a = self._u8[start:self._data_start + e.end]
         if start % e.dtype.itemsize:
             a = a.copy()
-        return to_torch(a.view(e.dtype.storage), e.dtype).reshape(e.shape)
+        return checked_bool(to_torch(a.view(e.dtype.storage), e.dtype).reshape(e.shape), self.source, name)
 
     def release(self, name: str) -> None:
         e = self._entry(name)
@@ -260,6 +260,14 @@ class _SafetensorsFile(Checkpoint):
             except BufferError:
                 pass  # views still exported: the mapping lives until they are garbage-collected
             self._mm = None
+
+
+def checked_bool(t: torch.Tensor, source: str, name: str) -> torch.Tensor:
+    """``t``, after checking that a BOOL tensor's bytes are 0 or 1 (a safetensors file or a uint8 view
+    can hold others; an archive holding them would be refused by readers, FORMAT.md §6)."""
+    if t.dtype == torch.bool and t.numel() and int(t.contiguous().view(torch.uint8).max()) > 1:
+        raise InputError(f"{source}: tensor {name!r} is BOOL but holds bytes other than 0 and 1")
+    return t
 
 
 def _shard_path(folder: Path, rel: Any, fail: Any, name: str) -> Path:
@@ -386,7 +394,7 @@ class _DictCheckpoint(Checkpoint):
         return from_torch(t.dtype).name, tuple(t.shape)
 
     def get(self, name: str) -> torch.Tensor:
-        return self._tensor(name)
+        return checked_bool(self._tensor(name), self.source, name)
 
     def storage_key(self, name: str) -> object | None:
         t = self._tensor(name)
@@ -430,9 +438,10 @@ def _load_torch(path: Path, label: str | None) -> _DictCheckpoint:
 
 
 def _open_folder(folder: Path, label: str | None) -> Checkpoint:
-    if (folder / SINGLE_NAME).is_file():
+    # exists(), not is_file(): a FIFO or a device under these names is refused by the reader, by name
+    if (folder / SINGLE_NAME).exists():
         return _SafetensorsFile(folder / SINGLE_NAME, label)
-    if (folder / INDEX_NAME).is_file():
+    if (folder / INDEX_NAME).exists():
         return _ShardedCheckpoint(folder / INDEX_NAME, label)
     found = sorted(p for p in folder.glob("*.safetensors") if p.is_file() and not p.name.startswith("."))
     if len(found) == 1:
@@ -440,7 +449,7 @@ def _open_folder(folder: Path, label: str | None) -> Checkpoint:
     if found:
         raise InputError(f"{folder}: holds {len(found)} .safetensors files ({_few([p.name for p in found])}) "
                          f"but no {INDEX_NAME} saying how they form one model")
-    if (folder / "pytorch_model.bin").is_file():
+    if (folder / "pytorch_model.bin").exists():
         return _load_torch(folder / "pytorch_model.bin", label)
     extra = " (sharded pytorch_model.bin files are not supported)" if (
         folder / "pytorch_model.bin.index.json").is_file() else ""

@@ -273,6 +273,7 @@ class AtomicFolder:
             raise write_error(self.path, "cannot put the new folder in place", exc) from exc
         self.done = True
         fsync_dir(self.path.parent if str(self.path.parent) else Path("."))
+        remove_stale(self.path)  # a dead writer's .old, kept while it was the only copy, now goes
         return self.path
 
     def abort(self) -> None:

@@ -60,33 +60,35 @@ def open_layout(path: str | os.PathLike, *, mmap: bool = False, max_tensor_bytes
     if index_path is None:
         reader = ContainerReader(path, **opts)
         return Layout(Path(path), reader.header, [reader], None)
-    raw = _read_index(index_path)
+    raw, identity = _read_index(index_path)
     for attempt in range(retries + 1):
         try:
             return _open_sharded(index_path, raw, opts)
         except FormatError:
             if attempt == retries:
                 raise
-            again = _read_index(index_path)
-            if again == raw:
+            raw, again = _read_index(index_path)
+            if again == identity:  # the same index file: the archive is damaged, not being replaced
                 raise
-            raw = again
+            identity = again
     raise AssertionError("unreachable")
 
 
-def _read_index(index_path: Path) -> bytes:
+def _read_index(index_path: Path) -> tuple[bytes, tuple[int, ...]]:
+    """The index's bytes and its file's identity (a writer replaces the index by a new file, so a
+    new identity means a new index, even with the same bytes)."""
     fd = open_regular(str(index_path), FormatError, "an index file")
     try:
-        size = os.fstat(fd).st_size
-        if size > MAX_INDEX_BYTES:
-            raise LimitError(f"{index_path}: index is {size} bytes, over the {MAX_INDEX_BYTES}-byte limit")
+        st = os.fstat(fd)
+        if st.st_size > MAX_INDEX_BYTES:
+            raise LimitError(f"{index_path}: index is {st.st_size} bytes, over the {MAX_INDEX_BYTES}-byte limit")
         with os.fdopen(fd, "rb", closefd=False) as f:
             raw = f.read(MAX_INDEX_BYTES + 1)
     except OSError as exc:
         raise FormatError(f"{index_path}: cannot read ({exc.strerror})") from None
     finally:
         os.close(fd)
-    return raw
+    return raw, (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
 
 
 def _open_sharded(index_path: Path, raw: bytes, opts: dict) -> Layout:
