@@ -134,6 +134,7 @@ class RegistryChoice(click.Choice):
 class _Settings:
     quiet: bool
     debug: bool
+    max_tensor_bytes: int | None = None
 
 
 def _settings() -> _Settings:
@@ -187,7 +188,7 @@ def parse_size(text: str) -> int:
 def _open(path: str | Path) -> Archive:
     from tallfmt.read.archive import open as open_archive
 
-    return open_archive(path)
+    return open_archive(path, max_tensor_bytes=_settings().max_tensor_bytes)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -197,14 +198,18 @@ def _open(path: str | Path) -> Archive:
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--debug", is_flag=True, help="Show the traceback of an error.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars, no informational messages.")
+@click.option("--max-tensor-bytes", default=None, metavar="SIZE",
+              help="Decode memory budget: the most one stored part of a tensor may decode to, e.g. 32GB "
+                   "(default: a quarter of this machine's memory, at least 1 GiB).")
 @click.version_option(__version__, prog_name="tallfmt")
 @click.pass_context
-def cli(ctx: click.Context, debug: bool, quiet: bool) -> None:
+def cli(ctx: click.Context, debug: bool, quiet: bool, max_tensor_bytes: str | None) -> None:
     """tallfmt: one compressed .tall archive for many fine-tunes of one base model (TALL-masks).
 
     ARCHIVE is a .tall file, or the folder (or tall.index.json) of a sharded archive.
     """
-    ctx.obj = _Settings(quiet=quiet, debug=debug)
+    budget = parse_size(max_tensor_bytes) if max_tensor_bytes is not None else None
+    ctx.obj = _Settings(quiet=quiet, debug=debug, max_tensor_bytes=budget)
     load_plugins()
 
 

@@ -163,3 +163,44 @@ def test_generator_reproduces_the_suite(tmp_path: Path) -> None:
     assert sorted(got) == sorted(want), sorted(set(got) ^ set(want))[:10]
     differ = [k for k in want if got[k] != want[k]]
     assert not differ, f"regenerated files differ: {differ[:10]}"
+
+
+def _json_of(path: Path) -> tuple[str, Any]:
+    """("index", object) for an index file or a sharded folder, else ("header", the .tall header object)."""
+    if path.is_dir() or path.name.endswith(".json"):
+        return "index", json.loads((path / "tall.index.json" if path.is_dir() else path).read_bytes())
+    raw = path.read_bytes()
+    h_off, h_len = int.from_bytes(raw[16:24], "little"), int.from_bytes(raw[24:32], "little")
+    return "header", json.loads(raw[h_off:h_off + h_len])
+
+
+def test_json_schemas_accept_every_valid_file_and_refuse_schema_rules() -> None:
+    """spec/header.schema.json and spec/index.schema.json (format 1.0) accept the header and index of
+    every accept case of version 1.0, and refuse the cases whose broken rule a schema can state."""
+    jsonschema = pytest.importorskip("jsonschema")
+    schemas = {k: json.loads((ROOT / "spec" / f"{k}.schema.json").read_text()) for k in ("header", "index")}
+    validators = {k: jsonschema.Draft202012Validator(s) for k, s in schemas.items()}
+    for s in schemas.values():
+        jsonschema.Draft202012Validator.check_schema(s)
+    checked = 0
+    for case in ACCEPT:
+        path = SUITE / case["path"]
+        kind, obj = _json_of(path)
+        objs = [(kind, obj)]
+        if kind == "index":
+            folder = path if path.is_dir() else path.parent
+            objs += [_json_of(folder / s["file"]) for s in obj["shards"]]
+        for k, o in objs:
+            if o["version"] == [1, 0]:
+                errors = [e.message[:200] for e in validators[k].iter_errors(o)]
+                assert not errors, (case["id"], k, errors[:3])
+                checked += 1
+    assert checked > 30
+    for name in ("lambda_zero", "lambda_negative_zero", "lambda_negative", "lambda_float32_overflow",
+                 "lambda_float32_overflow_tie", "lambda_with_magnitude", "lambda_with_magnitude_one",
+                 "per_task_all_null", "dimension_over_2_48", "offset_2_64", "version_length_3", "ndim_33",
+                 "index_lambda_with_magnitude", "thresholds_without_global_step", "thresholds_missing_with_global",
+                 "index_missing_thresholds", "shard_file_dotdot", "weight_map_empty_name"):
+        case = next(c for c in REFUSE if c["id"] == f"refuse/{name}")
+        kind, obj = _json_of(SUITE / case["path"])
+        assert not validators[kind].is_valid(obj), name

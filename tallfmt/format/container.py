@@ -182,7 +182,7 @@ class ContainerReader:
         if seg.decoded_length > self.max_tensor_bytes:
             raise LimitError(f"{self.path}: {self._locate(seg)}: decodes to {seg.decoded_length:,} bytes, over this "
                              f"reader's memory budget of {self.max_tensor_bytes:,} bytes per segment (open the "
-                             f"archive with a larger max_tensor_bytes to read it)")
+                             f"archive with a larger max_tensor_bytes, or tallfmt --max-tensor-bytes, to read it)")
         try:
             return get_codec(seg.codec).decode(self.stored(seg), seg.decoded_length, itemsize, out)
         except FormatError as exc:
@@ -312,6 +312,11 @@ class ContainerWriter:
         if len(raw) > MAX_HEADER_BYTES:
             self.abort()
             raise LimitError(f"{self.path}: header would be {len(raw)} bytes, over the {MAX_HEADER_BYTES} limit")
+        try:  # the reader's own checks: a writer never puts in place a file that readers refuse
+            parse_header(raw, str(self.path))
+        except FormatError as exc:
+            self.abort()
+            raise InputError(f"readers would refuse this archive, so it was not written: {exc}") from None
         self._pad()
         h_off = self._pos
         self._write(raw)

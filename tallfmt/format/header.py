@@ -500,7 +500,7 @@ class HeaderChecker:
         for k, s in meta.items():
             if not isinstance(s, str):
                 raise self.fail(f"metadata.{k[:80]}", "metadata values are strings")
-        return dict(meta)
+        return meta  # freshly parsed, owned by this header: no copy of a possibly large object
 
     def header(self, v: Any) -> Header:
         o = self.obj(v, "", {"format", "version", "tasks", "encoding", "tensors", "metadata"})

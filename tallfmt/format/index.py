@@ -188,7 +188,7 @@ class IndexChecker(HeaderChecker):
         if idle and (wm or len(files) > 1):
             raise self.fail("shards", f"shard(s) {idle[:5]} hold no tensor (only an archive without tensors "
                                       f"has an empty shard, its only one)")
-        return ShardIndex(tasks, enc, thresholds, meta, tuple(shards), dict(wm), version)
+        return ShardIndex(tasks, enc, thresholds, meta, tuple(shards), wm, version)
 
 
 def parse_index(raw: bytes, path: str = "<index>") -> ShardIndex:

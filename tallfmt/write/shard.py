@@ -2,7 +2,7 @@
 this process or on a Dask worker alike. A single-file archive is the one-shard case.
 
 Everything a shard's bytes depend on is in its job: the math is element-wise float32 and the
-statistics are sequential float64 sums (FORMAT.md §4.4), so a shard is the same file on any worker.
+statistics are sequential float64 sums (FORMAT.md §4.5), so a shard is the same file on any worker.
 """
 
 from __future__ import annotations
