@@ -81,6 +81,7 @@ def masked_rows(size: int) -> tuple[bytes, int]:
         return {"name": f"model.layers.{i}.self_attn.q_proj.weight", "role": "masked", "dtype": "BF16",
                 "shape": [512, 512], "base": seg(2 * 512 * 512), "tau": seg(4 * 512 * 512),
                 "masks": [seg(512 * 512 // 8, "zstd") for _ in range(8)]}
+    pos = 10**10  # a row as long as the last ones (long offsets), so the header stays within `size`
     n = size // len(json.dumps(row(10**6), separators=(",", ":")))
     pos = 64
     h = {"format": "tallfmt", "version": [1, 0], "tasks": [{"name": f"t{i}", "lambda": 0.4, "stats": {}} for i in range(8)],

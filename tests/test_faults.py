@@ -270,6 +270,10 @@ def test_decode_budget_refuses_before_allocating(tmp_path: Path) -> None:
             assert str(p) in str(info.value) and peak < 4 << 20
     with pytest.raises(InputError, match="max_tensor_bytes"):
         tallfmt.open(p, max_tensor_bytes=0)
+    r = _cli("--max-tensor-bytes", "1MB", "verify", str(p), cwd=tmp_path)
+    err = r.stderr.decode()
+    assert r.returncode == 1 and "memory budget of 1,000,000" in err and "--max-tensor-bytes" in err, err
+    assert _cli("--max-tensor-bytes", "64MiB", "verify", str(p), cwd=tmp_path).returncode == 0
 
 
 def test_default_budget_is_a_quarter_of_memory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

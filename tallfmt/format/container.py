@@ -30,7 +30,7 @@ from tallfmt.format import dtypes
 from tallfmt.format.atomic import AtomicFile, write_error
 from tallfmt.format.codecs import Buffer, as_bytes, get_codec
 from tallfmt.format.header import (ALIGN, MAGIC, MAJOR, MAX_HEADER_BYTES, PREAMBLE_SIZE, Header, Segment,
-                                   align, check_layout, checksum, parse_header, segment_locations)
+                                   align, check_layout, checksum, describe, parse_header, segment_locations)
 
 _PREAMBLE = struct.Struct("<8sHHIQQQQ")  # magic, major, minor, flags, hdr offset, hdr length, hdr xxh3, preamble xxh3
 
@@ -124,13 +124,14 @@ class ContainerReader:
                               f"[{major}, {minor}]")
         self.header_offset, self.header_length, self.header_xxh3, self.file_size = h_off, h_len, h_sum, size
         self.segments = check_layout(self.header, size, h_off, p)
-        self._where = {id(s): w for w, s in segment_locations(self.header)}
+        self._where = {id(s): loc for loc, s in segment_locations(self.header)}
         if use_mmap:
             self._mm = _mmap.mmap(self._fd, 0, access=_mmap.ACCESS_READ)
         self._check_padding()
 
-    def _pread(self, offset: int, length: int, what: str) -> memoryview:
-        """``length`` bytes at ``offset`` into a fresh writable buffer; FormatError if the file ends first."""
+    def _pread(self, offset: int, length: int, what: str | Segment) -> memoryview:
+        """``length`` bytes at ``offset`` into a fresh writable buffer; FormatError naming ``what`` (a
+        description, or the segment being read) if the file ends first."""
         buf = memoryview(bytearray(length))
         got = 0
         while got < length:
@@ -138,10 +139,10 @@ class ContainerReader:
                 k = os.preadv(self._fd, [buf[got:]], offset + got) if _PREADV else _pread_into(
                     self._fd, buf[got:], offset + got)
             except OSError as exc:
-                raise FormatError(f"{self.path}: cannot read {what} ({exc.strerror})") from None
+                raise FormatError(f"{self.path}: cannot read {self._what(what)} ({exc.strerror})") from None
             if k == 0:
-                raise FormatError(f"{self.path}: the file ended at byte {offset + got} while reading {what} "
-                                  f"(it was truncated or replaced in place while open)")
+                raise FormatError(f"{self.path}: the file ended at byte {offset + got} while reading "
+                                  f"{self._what(what)} (it was truncated or replaced in place while open)")
             got += k
         return buf
 
@@ -164,7 +165,7 @@ class ContainerReader:
         if self._mm is not None:
             view = memoryview(self._mm)[seg.offset:seg.offset + seg.length]
         else:
-            view = self._pread(seg.offset, seg.length, self._locate(seg))
+            view = self._pread(seg.offset, seg.length, seg)
         if checksum(view) != seg.xxh3:
             view.release()
             raise ChecksumError(f"{self.path}: {self._locate(seg)}: checksum mismatch (xxh3 of the stored "
@@ -172,7 +173,11 @@ class ContainerReader:
         return view
 
     def _locate(self, seg: Segment) -> str:
-        return f"{self._where.get(id(seg), 'segment')} (segment at offset {seg.offset})"
+        loc = self._where.get(id(seg))
+        return f"{describe(self.header, loc) if loc else 'segment'} (segment at offset {seg.offset})"
+
+    def _what(self, what: str | Segment) -> str:
+        return what if isinstance(what, str) else self._locate(what)
 
     def read(self, seg: Segment, itemsize: int, out: np.ndarray | None = None) -> Buffer:
         """The decoded bytes of a segment (for raw segments the stored buffer itself unless ``out`` is

@@ -548,21 +548,35 @@ def parse_header(raw: bytes, path: str = "<header>") -> Header:
     return HeaderChecker(path, strict).header(obj)
 
 
-def segment_locations(header: Header) -> list[tuple[str, Segment]]:
-    """(where, segment) for every segment, in table order; `where` names the header field, e.g.
-    ``tensors[0] ('enc.w').masks[1]``, for error messages."""
-    out = []
+Location = tuple[int, str, int]  # (row, part, index within the part or -1)
+
+
+def segment_locations(header: Header) -> list[tuple[Location, Segment]]:
+    """(location, segment) for every segment, in table order; :func:`describe` turns a location into
+    the header field it names, e.g. ``tensors[0] ('enc.w').masks[1] (task 'b')``, for error messages
+    (built only when one is needed: a header may hold millions of segments)."""
+    out: list[tuple[Location, Segment]] = []
     for i, t in enumerate(header.tensors):
-        where = f"tensors[{i}] ({t.name!r})"
         for part in ("base", "tau", "data"):
             s = getattr(t, part)
             if s is not None:
-                out.append((f"{where}.{part}", s))
-        out.extend((f"{where}.masks[{j}] (task {header.tasks[j].name[:80]!r})", s) for j, s in enumerate(t.masks))
+                out.append(((i, part, -1), s))
+        out.extend(((i, "masks", j), s) for j, s in enumerate(t.masks))
         if t.base_item is not None:
-            out.append((f"{where}.base.data", t.base_item.data))
-        out.extend((f"{where}.tasks[{j}].data", it.data) for j, it in enumerate(t.task_items) if it is not None)
+            out.append(((i, "base.data", -1), t.base_item.data))
+        out.extend(((i, "tasks", j), it.data) for j, it in enumerate(t.task_items) if it is not None)
     return out
+
+
+def describe(header: Header, loc: Location) -> str:
+    """The header field a segment location names."""
+    i, part, j = loc
+    where = f"tensors[{i}] ({header.tensors[i].name[:80]!r})"
+    if part == "masks":
+        return f"{where}.masks[{j}] (task {header.tasks[j].name[:80]!r})"
+    if part == "tasks":
+        return f"{where}.tasks[{j}].data"
+    return f"{where}.{part}"
 
 
 def check_layout(header: Header, file_size: int, header_offset: int, path: str) -> list[Segment]:
@@ -570,16 +584,16 @@ def check_layout(header: Header, file_size: int, header_offset: int, path: str) 
     among those at one offset — each at align64(previous end)."""
     located = sorted(segment_locations(header), key=lambda ws: (ws[1].offset, ws[1].length))
     pos = PREAMBLE_SIZE
-    for where, s in located:
+    for loc, s in located:
         if s.offset != align(pos):
             what = "overlaps the previous segment" if s.offset < pos else (
                 "is misaligned" if s.offset % ALIGN else "leaves a gap after the previous segment")
-            raise FormatError(f"{path}: header {where}.offset: segment at offset {s.offset} {what} "
+            raise FormatError(f"{path}: header {describe(header, loc)}.offset: segment at offset {s.offset} {what} "
                               f"(expected offset {align(pos)})")
         pos = s.offset + s.length
         if pos > file_size:
-            raise FormatError(f"{path}: header {where}.length: segment at offset {s.offset} with {s.length} "
-                              f"bytes runs past the end of the file ({file_size} bytes)")
+            raise FormatError(f"{path}: header {describe(header, loc)}.length: segment at offset {s.offset} with "
+                              f"{s.length} bytes runs past the end of the file ({file_size} bytes)")
     segs = [s for _, s in located]
     if header_offset != align(pos):
         raise FormatError(f"{path}: header offset {header_offset} does not follow the last segment "
