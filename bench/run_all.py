@@ -25,6 +25,7 @@ BENCHES = {  # name: (script, quick args, full args)
     "maskmath": ("bench_maskmath.py", ["--quick"], []),
     "encode_memory": ("bench_encode_memory.py", ["--quick"], []),
     "sharded": ("bench_sharded.py", ["--quick"], []),
+    "open": ("bench_open.py", ["--mib", "2"], ["--mib", "100"]),
 }
 
 

@@ -90,6 +90,15 @@ def test_encode_refuses_shapes_readers_refuse(tmp_path: Path, what: str, tensor:
     assert list(tmp_path.iterdir()) == []  # refused before anything was written
 
 
+@pytest.mark.parametrize("lam", [0.0, -1.0, 1e39])
+def test_the_container_writer_refuses_a_header_readers_refuse(tmp_path: Path, lam: float) -> None:
+    p = tmp_path / "x.tall"
+    with ContainerWriter(p) as w, pytest.raises(InputError, match=r"readers would refuse .*tasks\[0\]\.lambda"):
+        seg = w.write_segment(bytes(8), "raw", 8)
+        w.finish(Header((TaskEntry("a", lam),), tc.ENCODING, (TensorEntry("x", "shared", "I64", (1,), data=seg),)))
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_zero_size_tensor_with_a_2_48_dimension_round_trips(tmp_path: Path) -> None:
     base, tasks = _zoo()
     base["x"] = torch.zeros(2**48, 0)
@@ -433,6 +442,25 @@ def test_sigkill_during_sharded_reencode_leaves_the_old_or_the_new_archive(tmp_p
     tallfmt.encode(*zoo, work / "zoo", lambdas=0.3, shards=2)
     listed = [s["file"] for s in json.loads((work / "zoo" / INDEX_NAME).read_bytes())["shards"]]
     assert sorted(p.name for p in (work / "zoo").iterdir()) == sorted([INDEX_NAME, *listed])
+
+
+def test_symlinked_shards_inside_the_folder_only(tmp_path: Path) -> None:
+    zoo = _zoo_files(tmp_path, 64)
+    folder = tmp_path / "zoo"
+    tallfmt.encode(*zoo, folder, shards=2)
+    first = json.loads((folder / INDEX_NAME).read_bytes())["shards"][0]["file"]
+    (folder / "store").mkdir()
+    (folder / first).rename(folder / "store" / first)
+    (folder / first).symlink_to(Path("store") / first)  # inside the folder: read
+    with tallfmt.open(folder) as z:
+        z.verify()
+    outside = tmp_path / "elsewhere.tall"
+    (folder / "store" / first).rename(outside)
+    for target in (outside, Path("..") / outside.name):  # absolute, and relative out of the folder
+        (folder / first).unlink()
+        (folder / first).symlink_to(target)
+        with pytest.raises(FormatError, match=r"shards\[0\]\.file: .* is a link to .*outside the archive's folder"):
+            tallfmt.open(folder)
 
 
 _READER = """
