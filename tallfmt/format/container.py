@@ -52,18 +52,18 @@ def default_max_tensor_bytes() -> int:
     return max(MIN_DEFAULT_BUDGET, total // 4)
 
 
-def check_values(data: Buffer, dtype: str, numel: int, what: str) -> None:
+def check_values(data: Buffer, dtype: str, numel: int, what: Callable[[], str]) -> None:
     """Value rules of decoded bytes (FORMAT.md §3, §6): BOOL bytes are 0 or 1; a packed mask ("mask",
-    ``numel`` bits) has zero padding bits. FormatError naming ``what``."""
+    ``numel`` bits) has zero padding bits. FormatError naming ``what()``."""
     if dtype == "BOOL":
         arr = np.frombuffer(as_bytes(data), dtype=np.uint8)
         if arr.size and int(arr.max()) > 1:
             i = int(np.argmax(arr > 1))
-            raise FormatError(f"{what}: BOOL element {i} is byte 0x{int(arr[i]):02x}; BOOL bytes are 0 or 1")
+            raise FormatError(f"{what()}: BOOL element {i} is byte 0x{int(arr[i]):02x}; BOOL bytes are 0 or 1")
     elif dtype == "mask" and numel % 8:
         view = as_bytes(data)
         if len(view) and view[len(view) - 1] >> (numel % 8):
-            raise FormatError(f"{what}: mask padding bits past bit {numel} of the last byte are not zero "
+            raise FormatError(f"{what()}: mask padding bits past bit {numel} of the last byte are not zero "
                               f"(last byte 0x{view[len(view) - 1]:02x})")
 
 
@@ -124,7 +124,6 @@ class ContainerReader:
                               f"[{major}, {minor}]")
         self.header_offset, self.header_length, self.header_xxh3, self.file_size = h_off, h_len, h_sum, size
         self.segments = check_layout(self.header, size, h_off, p)
-        self._where = {id(s): loc for loc, s in segment_locations(self.header)}
         if use_mmap:
             self._mm = _mmap.mmap(self._fd, 0, access=_mmap.ACCESS_READ)
         self._check_padding()
@@ -173,7 +172,8 @@ class ContainerReader:
         return view
 
     def _locate(self, seg: Segment) -> str:
-        loc = self._where.get(id(seg))
+        """The header field of a segment, for an error message (found by a scan: errors are rare)."""
+        loc = next((loc for loc, s in segment_locations(self.header) if s is seg), None)
         return f"{describe(self.header, loc) if loc else 'segment'} (segment at offset {seg.offset})"
 
     def _what(self, what: str | Segment) -> str:
@@ -201,7 +201,7 @@ class ContainerReader:
         d = dtypes.by_name(dtype)
         data = self.read(seg, d.itemsize)
         if dtype == "BOOL":
-            check_values(data, dtype, 0, f"{self.path}: {self._locate(seg)}")
+            check_values(data, dtype, 0, lambda: f"{self.path}: {self._locate(seg)}")
         arr = np.frombuffer(data, dtype=d.storage)
         return arr if shape is None else arr.reshape(shape)
 
@@ -211,7 +211,7 @@ class ContainerReader:
         for t in self.header.tensors:
             for seg, kind in t.parts():
                 data = self.read(seg, _ITEMSIZE.get(kind, 1))
-                check_values(data, kind, t.numel, f"{self.path}: {self._locate(seg)}")
+                check_values(data, kind, t.numel, lambda: f"{self.path}: {self._locate(seg)}")
 
     def close(self) -> None:
         if self._mm is not None:
