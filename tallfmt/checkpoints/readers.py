@@ -370,17 +370,17 @@ class _DictCheckpoint(Checkpoint):
                 raise InputError(f"{source}: tensor {k!r} has layout {t.layout}; only dense tensors are supported")
             if t.is_meta:
                 raise InputError(f"{source}: tensor {k!r} is on the meta device and holds no data")
+            try:
+                from_torch(t.dtype)
+            except KeyError:
+                raise InputError(f"{source}: tensor {k!r} has dtype {t.dtype}, which tallfmt cannot store "
+                                 f"(known: {', '.join(DTYPES)})") from None
             need = t.numel() * t.element_size()
             held = t.untyped_storage().nbytes() - t.storage_offset() * t.element_size()
             if need > held:  # a stride-0 or overlapping view: storing it would materialise `need` bytes
                 raise InputError(f"{source}: tensor {k!r} of shape {list(t.shape)[:8]} needs {need:,} bytes but its "
                                  f"storage holds {held:,} (a stride-0 or overlapping view, e.g. from expand()); "
                                  f"store a dense tensor")
-            try:
-                from_torch(t.dtype)
-            except KeyError:
-                raise InputError(f"{source}: tensor {k!r} has dtype {t.dtype}, which tallfmt cannot store "
-                                 f"(known: {', '.join(DTYPES)})") from None
             self._t[k] = t
 
     def _tensor(self, name: str) -> torch.Tensor:
