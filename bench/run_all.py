@@ -27,6 +27,8 @@ BENCHES = {  # name: (script, quick args, full args)
     "sharded": ("bench_sharded.py", ["--quick"], []),
     "serving": ("bench_serving.py", ["--quick"], []),
     "serving_gpu": ("bench_serving_gpu.py", ["--quick"], []),
+    "open": ("bench_open.py", ["--mib", "2"], ["--mib", "100"]),
+    "encode": ("bench_encode.py", ["--quick"], []),
 }
 
 

@@ -38,6 +38,7 @@ from tallfmt import __version__
 from tallfmt.errors import TallError, TallWarning
 from tallfmt.format import codecs
 from tallfmt.format.header import MASK_METHODS, MERGE_METHODS
+from tallfmt.format.jsonio import is_text
 from tallfmt.format.outputs import MAX_SHARD_SIZE
 from tallfmt.read.merges import DEFAULT_MERGE, DEFAULT_PER_TASK, MERGES, PER_TASK_POLICIES
 from tallfmt.summary import (agreement_table, check_plot_path, format_summary, human_bytes, pct, plot_agreement,
@@ -57,11 +58,17 @@ GENERIC_STEMS = {"model", "pytorch_model", "adapter_model", "diffusion_pytorch_m
 # Errors, output and progress
 
 
+def echo(text: str, err: bool = False) -> None:
+    """click.echo that never fails on text that is not Unicode (a path whose bytes are not UTF-8 comes
+    in as lone surrogates): those are shown as backslash escapes."""
+    click.echo(text.encode("utf-8", "backslashreplace").decode("utf-8"), err=err)
+
+
 class CommandError(click.ClickException):
     """A failure reported as one line, ``tallfmt: error: ...``, exit code 1."""
 
     def show(self, file: Any = None) -> None:
-        click.echo(f"tallfmt: error: {self.format_message()}", err=True)
+        echo(f"tallfmt: error: {self.format_message()}", err=True)
 
 
 def load_plugins() -> None:
@@ -80,7 +87,7 @@ def load_plugins() -> None:
             try:
                 obj = ep.load()
             except Exception as exc:  # a broken plugin must not break every command
-                click.echo(f"tallfmt: warning: plugin {ep.name!r} ({ep.value}) failed to load: {exc}", err=True)
+                echo(f"tallfmt: warning: plugin {ep.name!r} ({ep.value}) failed to load: {exc}", err=True)
                 continue
             known = codecs.CODECS if group == "tallfmt.codecs" else MERGES
             if getattr(obj, "codec_id", getattr(obj, "name", None)) not in known:
@@ -162,6 +169,7 @@ class RegistryChoice(click.Choice):
 class _Settings:
     quiet: bool
     debug: bool
+    max_tensor_bytes: int | None = None
 
 
 def _settings() -> _Settings:
@@ -188,7 +196,7 @@ def common_params() -> list[click.Option]:
 def _say(msg: str = "") -> None:
     """Informational output that --quiet silences (info/stats tables are not silenced)."""
     if not _settings().quiet:
-        click.echo(msg)
+        echo(msg)
 
 
 @contextmanager
@@ -232,7 +240,7 @@ def parse_size(text: str) -> int:
 def _open(path: str | Path) -> Archive:
     from tallfmt.read.archive import open as open_archive
 
-    return open_archive(path)
+    return open_archive(path, max_tensor_bytes=_settings().max_tensor_bytes)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -242,14 +250,18 @@ def _open(path: str | Path) -> Archive:
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--debug", is_flag=True, help="Show the traceback of an error.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars, no informational messages.")
+@click.option("--max-tensor-bytes", default=None, metavar="SIZE",
+              help="Decode memory budget: the most one stored part of a tensor may decode to, e.g. 32GB "
+                   "(default: a quarter of this machine's memory, at least 1 GiB).")
 @click.version_option(__version__, prog_name="tallfmt")
 @click.pass_context
-def cli(ctx: click.Context, debug: bool, quiet: bool) -> None:
+def cli(ctx: click.Context, debug: bool, quiet: bool, max_tensor_bytes: str | None) -> None:
     """tallfmt: one compressed .tall archive for many fine-tunes of one base model (TALL-masks).
 
     ARCHIVE is a .tall file, or the folder (or tall.index.json) of a sharded archive.
     """
-    ctx.obj = _Settings(quiet=quiet, debug=debug)
+    budget = parse_size(max_tensor_bytes) if max_tensor_bytes is not None else None
+    ctx.obj = _Settings(quiet=quiet, debug=debug, max_tensor_bytes=budget)
     load_plugins()
 
 
@@ -313,6 +325,8 @@ def _parse_metadata(values: tuple[str, ...]) -> dict[str, str]:
         k, sep, val = v.partition("=")
         if not sep or not k:
             raise click.BadParameter(f"{v!r}: expected key=value", param_hint="--metadata")
+        if not is_text(v):
+            raise click.BadParameter(f"{v!r} is not valid UTF-8", param_hint="--metadata")
         out[k] = val
     return out
 
@@ -391,6 +405,12 @@ def encode(base: str, finetunes: tuple[str, ...], output: str, names: tuple[str,
     if names and len(names) != len(finetunes):
         raise click.BadParameter(f"got {len(names)} names for {len(finetunes)} fine-tunes", param_hint="--name")
     tasks = list(names) if names else [task_name_of(f) for f in finetunes]
+    for t, f in zip(tasks, finetunes):
+        if not is_text(t):
+            if names:
+                raise CommandError(f"--name {t!r} is not valid UTF-8")
+            raise CommandError(f"{f!r}: its file or folder name, {t!r}, is not valid UTF-8, so it cannot name the "
+                               f"task; name the task with --name")
     _check_task_names(tasks, finetunes)
     out = Path(output)
     lam = _parse_lambdas(lambdas, tasks)
@@ -425,7 +445,7 @@ def info(archive: str, as_json: bool) -> None:
     """Tasks, tensor roles, bytes per part and compression ratios of ARCHIVE."""
     with _open(archive) as zoo:
         s = summary(zoo)
-    click.echo(json.dumps(s, indent=2, ensure_ascii=False) if as_json else format_summary(s))
+    echo(json.dumps(s, indent=2, ensure_ascii=False) if as_json else format_summary(s))
     if not as_json:
         for w in s["warnings"]:
             warn(w)
@@ -639,7 +659,7 @@ def stats(archive: str, plot: str | None, as_json: bool, force: bool) -> None:
         plot_agreement(Path(plot), f"{name}: {plural(T, 'task')}, {sum(counts):,} masked parameters", rows, tasks,
                        plot_format, force)
     if as_json:
-        click.echo(json.dumps({"num_tasks": T, "masked_params": sum(counts), "agreement": rows,
+        echo(json.dumps({"num_tasks": T, "masked_params": sum(counts), "agreement": rows,
                                "mask_density": {t["name"]: t["mask_density"] for t in tasks}}, indent=2))
         return
     lines = [f"{archive}: {sum(counts):,} masked parameters, {plural(T, 'task')}", ""]
@@ -651,7 +671,7 @@ def stats(archive: str, plot: str | None, as_json: bool, force: bool) -> None:
     lines += text_table([["task", "mask density"]] + [[t["name"], pct(t["mask_density"])] for t in tasks], "lr")
     if plot is not None:
         lines += ["", f"plot: {plot}"]
-    click.echo("\n".join(lines))
+    echo("\n".join(lines))
 
 
 @cli.command(short_help="Build a small real zoo, then encode, decode, merge and verify it.")

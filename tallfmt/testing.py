@@ -725,7 +725,7 @@ class Reference:
 
     def stats(self, task: str) -> dict[str, float | None]:
         """mask_density, rel_error ‖θ̂_t − θ_t‖/‖τ_t‖ and cosine(m_t∘τ_MTL, τ_t) over masked tensors
-        (FORMAT §1.2, §4.4): float64 sums, sequential in element order within each tensor, the tensors'
+        (FORMAT §1.2, §4.5): float64 sums, sequential in element order within each tensor, the tensors'
         sums added in table order; None where undefined."""
         i = self.tasks.index(task)
         decoded = self.decode(task)

@@ -39,16 +39,11 @@ def _zoo(scale: int) -> tuple[dict, dict]:
     return base, tasks
 
 
-def _child(job: dict, spec: dict) -> None:
-    import torch
-
-    import tallfmt
-    from tallfmt.format import container
-
-    torch.set_num_threads(1)
-    base, tasks = _zoo(spec["scale"])
+def killer(kill_at: int | None, after: dict[str, str] | None = None):  # type: ignore[no-untyped-def]
+    """(events, hooked): ``hooked(name, fn)`` wraps fn so that each call records the event ``name``
+    (and, once fn returned, ``after[name]`` if given); the process kills itself with SIGKILL just
+    before its ``kill_at``-th event."""
     events: list[str] = []
-    kill_at = job.get("kill_at")
 
     def hit(name: str) -> None:
         events.append(name)
@@ -59,11 +54,22 @@ def _child(job: dict, spec: dict) -> None:
         def call(*a, **k):  # type: ignore[no-untyped-def]
             hit(name)
             out = fn(*a, **k)
-            if name == "replace":
-                hit("after_replace")
+            if after and name in after:
+                hit(after[name])
             return out
         return call
+    return events, hooked
 
+
+def _child(job: dict, spec: dict) -> None:
+    import torch
+
+    import tallfmt
+    from tallfmt.format import container
+
+    torch.set_num_threads(1)
+    base, tasks = _zoo(spec["scale"])
+    events, hooked = killer(job.get("kill_at"), after={"replace": "after_replace"})
     container.ContainerWriter._write = hooked("write", container.ContainerWriter._write)
     for name in ("fsync", "chmod", "replace"):
         setattr(os, name, hooked(name, getattr(os, name)))

@@ -208,15 +208,18 @@ def test_resave_removes_the_other_layout(tmp_path: Path) -> None:
 
 
 def test_save_state_dict_streams(tmp_path: Path) -> None:
-    """With entries, tensors are consumed one at a time and each shard is on disk before the next starts."""
+    """With entries, tensors are consumed one at a time and each shard is on disk (in the folder being
+    built beside the target) before the next starts; the target appears only when all are written."""
     out = tmp_path / "out"
     entries = [(f"t{i}", "F32", (4,)) for i in range(4)]
 
     def gen():
         for i in range(4):
             if i == 2:
-                assert (out / "model-00001-of-00002.safetensors").exists()
-                assert not (out / "model-00002-of-00002.safetensors").exists()
+                (building,) = tmp_path.glob(".out.*.tmp")
+                assert (building / "model-00001-of-00002.safetensors").exists()
+                assert not (building / "model-00002-of-00002.safetensors").exists()
+                assert not out.exists()
             yield f"t{i}", torch.full((4,), float(i))
 
     save_state_dict(gen(), out, entries=entries, max_shard_size=32)
@@ -629,8 +632,8 @@ def test_sharded_failure_keeps_nothing_half_written(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="source died"):
         save_state_dict(gen(), tmp_path / "out", entries=[("a", "F32", (4,)), ("b", "F32", (4,))],
                         max_shard_size=8)
-    # the first shard finished; the second's temp file is gone and no index claims a model
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["model-00001-of-00002.safetensors"]
+    # the first shard finished, but only in the folder built beside the target: the whole folder is gone
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("name, tensor, match", [

@@ -719,8 +719,8 @@ def test_mask_padding_bits(tmp_path: Path) -> None:
     seg["xxh3"] = xxhash.xxh3_64_hexdigest(bytes(raw[seg["offset"]:seg["offset"] + seg["length"]]))
     parts = tc.split(tc.write(p, bytes(raw)))
     tc.write(p, tc.assemble(parts, header=tc.header_text(h)))
-    with ContainerReader(p) as r:
-        r.verify()  # the container alone does not know what a mask is
+    with ContainerReader(p) as r, pytest.raises(FormatError, match=r"'w'.*masks\[1\] \(task 'b'\).*padding"):
+        r.verify()  # the container checks mask padding bits too, in its one pass over the segments
     with tallfmt.open(p) as zoo:
         zoo.decode("a")
         for op in (lambda: zoo.decode("b"), lambda: zoo.mask("b", "w"), lambda: zoo.mask("b", "tied"),

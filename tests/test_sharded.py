@@ -133,8 +133,10 @@ def _edit_index(folder: Path, edit: Callable[[dict], Any]) -> None:
 def test_sharded_reads_exactly_like_single_file(config: str, n: int, singles: dict[str, Path],
                                                 sharded: Callable[[str, int], Path]) -> None:
     folder = sharded(config, n)
-    assert sorted(p.name for p in folder.iterdir()) == sorted([INDEX_NAME, *(shard_name(i, n) for i in
-                                                                             range(1, n + 1))])
+    files = _shard_files(folder)  # named by content: model-0000i-of-0000n-<header xxh3>.tall
+    assert sorted(p.name for p in folder.iterdir()) == sorted([INDEX_NAME, *files])
+    assert files == [shard_name(i, n, tallfmt.format.index.read_header_xxh3(folder / f)) for i, f in
+                     enumerate(files, 1)]
     with tallfmt.open(singles[config]) as one, tallfmt.open(folder) as many:
         assert len(many.shards) == n and many.index is not None and one.index is None
         assert many.tasks == one.tasks and many.encoding == one.encoding and many.metadata == one.metadata
@@ -251,7 +253,8 @@ def test_reencode_replaces_the_old_shards(zoo: tuple[str, dict[str, str]], tmp_p
     with pytest.raises(InputError, match="already exists"):  # refused by default, as on the command line
         tallfmt.encode(*zoo, tmp_path, shards=2)
     tallfmt.encode(*zoo, tmp_path, shards=2, overwrite=True)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [shard_name(1, 2), shard_name(2, 2), INDEX_NAME]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*_shard_files(tmp_path), INDEX_NAME])
+    assert len(_shard_files(tmp_path)) == 2
 
 
 def test_failed_encode_leaves_no_index_and_no_temporary_files(zoo: tuple[str, dict[str, str]],
@@ -316,7 +319,7 @@ def test_assign_shards_balances_bytes_in_order() -> None:
 
 def test_damaged_shard_is_named(sharded: Callable[[str, int], Path], tmp_path: Path) -> None:
     folder = _copy(sharded("ta", 3), tmp_path)
-    shard = folder / shard_name(2, 3)
+    shard = folder / _shard_files(folder)[1]
     raw = bytearray(shard.read_bytes())
     raw[200] ^= 0x01  # a segment byte: open works, the read or verify finds it
     shard.write_bytes(bytes(raw))
@@ -356,10 +359,16 @@ def test_damaged_index_is_named(sharded: Callable[[str, int], Path], tmp_path: P
 def test_shard_from_another_encode_is_refused(zoo: tuple[str, dict[str, str]], tmp_path: Path) -> None:
     tallfmt.encode(*zoo, tmp_path / "a", shards=2)
     tallfmt.encode(*zoo, tmp_path / "b", shards=2, lambdas=0.3)
-    shutil.copy(tmp_path / "b" / shard_name(1, 2), tmp_path / "a" / shard_name(1, 2))
+    mine = _shard_files(tmp_path / "a")[0]
+    shutil.copy(tmp_path / "b" / _shard_files(tmp_path / "b")[0], tmp_path / "a" / mine)
     # same size (the λ differs only in the header's digits) is possible; the header checksum catches it
-    with pytest.raises(FormatError, match=rf"{shard_name(1, 2)}.*(size|header_xxh3)"):
+    with pytest.raises(FormatError, match=rf"{mine}.*(size|header_xxh3)"):
         tallfmt.open(tmp_path / "a")
+
+
+def _shard_files(folder: Path) -> list[str]:
+    """The shard files the folder's index lists, in order."""
+    return [s["file"] for s in json.loads((folder / INDEX_NAME).read_bytes())["shards"]]
 
 
 def _fresh(sharded: Callable[[str, int], Path], tmp_path: Path, config: str = "ta") -> Path:
@@ -437,7 +446,12 @@ def test_index_threshold_rules(sharded: Callable[[str, int], Path], tmp_path: Pa
         _edit_index(folder, lambda o: o["thresholds"].update(ties=bad))
         with pytest.raises(FormatError, match=message):
             tallfmt.open(folder)
-    _edit_index(folder, lambda o: o["thresholds"].update(ties=[None, *good[1:]]))  # k = 0 is null
+    # null exactly when k = ⌈density · N⌉ = 0, N the masked parameters of all shards (checked after
+    # every shard is read): here k > 0, so a null is refused
+    _edit_index(folder, lambda o: o["thresholds"].update(ties=[None, *good[1:]]))
+    with pytest.raises(FormatError, match=r"thresholds\.ties\[0\]: None, but k = .* \(null exactly when k = 0\)"):
+        tallfmt.open(folder)
+    _edit_index(folder, lambda o: o["thresholds"].update(ties=good))
     tallfmt.open(folder).close()
 
 

@@ -32,6 +32,7 @@ import torch
 
 from tallfmt.compute.tensors import from_torch, to_torch
 from tallfmt.errors import InputError
+from tallfmt.format.container import open_regular
 from tallfmt.format.dtypes import DTYPES, DType
 from tallfmt.format.jsonio import loads_strict_object
 
@@ -201,11 +202,7 @@ class _SafetensorsFile(Checkpoint):
         self.path, self.source, self.label = path, str(path), label
         self._mm: mmap.mmap | None = None
         self._u8: np.ndarray | None = None
-        try:
-            f = open(path, "rb")
-        except OSError as exc:
-            raise InputError(f"{path}: cannot open ({exc.strerror})") from None
-        with f:
+        with os.fdopen(open_regular(str(path), InputError, "a .safetensors file"), "rb") as f:
             size = os.fstat(f.fileno()).st_size
             head = f.read(8)
             if len(head) < 8:
@@ -241,7 +238,7 @@ class _SafetensorsFile(Checkpoint):
         a = self._u8[start:self._data_start + e.end]
         if start % e.dtype.itemsize:
             a = a.copy()
-        return to_torch(a.view(e.dtype.storage), e.dtype).reshape(e.shape)
+        return checked_bool(to_torch(a.view(e.dtype.storage), e.dtype).reshape(e.shape), self.source, name)
 
     def release(self, name: str) -> None:
         e = self._entry(name)
@@ -264,6 +261,14 @@ class _SafetensorsFile(Checkpoint):
             except BufferError:
                 pass  # views still exported: the mapping lives until they are garbage-collected
             self._mm = None
+
+
+def checked_bool(t: torch.Tensor, source: str, name: str) -> torch.Tensor:
+    """``t``, after checking that a BOOL tensor's bytes are 0 or 1 (a safetensors file or a uint8 view
+    can hold others; an archive holding them would be refused by readers, FORMAT.md §6)."""
+    if t.dtype == torch.bool and t.numel() and int(t.contiguous().view(torch.uint8).max()) > 1:
+        raise InputError(f"{source}: tensor {name!r} is BOOL but holds bytes other than 0 and 1")
+    return t
 
 
 def _shard_path(folder: Path, rel: Any, fail: Any, name: str) -> Path:
@@ -289,12 +294,14 @@ class _ShardedCheckpoint(Checkpoint):
         self.path, self.source, self.label = index, str(index), label
         self._shards: dict[str, _SafetensorsFile] = {}
         try:
-            size = index.stat().st_size
-            if size > MAX_HEADER_BYTES:
-                raise self._fail(f"index is {size} bytes, over the {MAX_HEADER_BYTES}-byte limit")
-            obj = _load_json(index.read_bytes(), self._fail, "index")
+            with os.fdopen(open_regular(str(index), InputError, "an index file"), "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                if size > MAX_HEADER_BYTES:
+                    raise self._fail(f"index is {size} bytes, over the {MAX_HEADER_BYTES}-byte limit")
+                raw = f.read(MAX_HEADER_BYTES + 1)
         except OSError as exc:
             raise InputError(f"{index}: cannot read ({exc.strerror})") from None
+        obj = _load_json(raw, self._fail, "index")
         wm = obj.get("weight_map")
         if not isinstance(wm, dict):
             raise self._fail("index has no weight_map object {name: shard file}")
@@ -369,6 +376,12 @@ class _DictCheckpoint(Checkpoint):
             except KeyError:
                 raise InputError(f"{source}: tensor {k!r} has dtype {t.dtype}, which tallfmt cannot store "
                                  f"(known: {', '.join(DTYPES)})") from None
+            need = t.numel() * t.element_size()
+            held = t.untyped_storage().nbytes() - t.storage_offset() * t.element_size()
+            if need > held:  # a stride-0 or overlapping view: storing it would materialise `need` bytes
+                raise InputError(f"{source}: tensor {k!r} of shape {list(t.shape)[:8]} needs {need:,} bytes but its "
+                                 f"storage holds {held:,} (a stride-0 or overlapping view, e.g. from expand()); "
+                                 f"store a dense tensor")
             self._t[k] = t
 
     def _tensor(self, name: str) -> torch.Tensor:
@@ -382,7 +395,7 @@ class _DictCheckpoint(Checkpoint):
         return from_torch(t.dtype).name, tuple(t.shape)
 
     def get(self, name: str) -> torch.Tensor:
-        return self._tensor(name)
+        return checked_bool(self._tensor(name), self.source, name)
 
     def storage_key(self, name: str) -> object | None:
         t = self._tensor(name)
@@ -409,8 +422,8 @@ def _unpickle_reason(exc: BaseException) -> str:
 
 
 def _load_torch(path: Path, label: str | None) -> _DictCheckpoint:
-    try:
-        with open(path, "rb") as f:
+    try:  # a FIFO, a device or a link to /dev/zero is refused here, before torch reads from it
+        with os.fdopen(open_regular(str(path), InputError, "a torch file"), "rb") as f:
             is_zip = f.read(4) == b"PK\x03\x04"
     except OSError as exc:
         raise InputError(f"{path}: cannot open ({exc.strerror})") from None
@@ -435,9 +448,10 @@ def _load_torch(path: Path, label: str | None) -> _DictCheckpoint:
 
 
 def _open_folder(folder: Path, label: str | None) -> Checkpoint:
-    if (folder / SINGLE_NAME).is_file():
+    # exists(), not is_file(): a FIFO or a device under these names is refused by the reader, by name
+    if (folder / SINGLE_NAME).exists():
         return _SafetensorsFile(folder / SINGLE_NAME, label)
-    if (folder / INDEX_NAME).is_file():
+    if (folder / INDEX_NAME).exists():
         return _ShardedCheckpoint(folder / INDEX_NAME, label)
     found = sorted(p for p in folder.glob("*.safetensors") if p.is_file() and not p.name.startswith("."))
     if len(found) == 1:
@@ -445,7 +459,7 @@ def _open_folder(folder: Path, label: str | None) -> Checkpoint:
     if found:
         raise InputError(f"{folder}: holds {len(found)} .safetensors files ({_few([p.name for p in found])}) "
                          f"but no {INDEX_NAME} saying how they form one model")
-    if (folder / "pytorch_model.bin").is_file():
+    if (folder / "pytorch_model.bin").exists():
         return _load_torch(folder / "pytorch_model.bin", label)
     extra = " (sharded pytorch_model.bin files are not supported)" if (
         folder / "pytorch_model.bin.index.json").is_file() else ""

@@ -6,10 +6,12 @@ arrives, through the one atomic writer (:class:`tallfmt.format.atomic.AtomicFile
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
 import re
+import shutil
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -19,9 +21,10 @@ import torch
 
 from tallfmt.checkpoints.readers import INDEX_NAME, MAX_HEADER_BYTES, MAX_NDIM, SINGLE_NAME, is_uint
 from tallfmt.compute.tensors import from_torch, to_numpy, torch_dtype
-from tallfmt.errors import InputError
-from tallfmt.format.atomic import AtomicFile, write_atomic
+from tallfmt.errors import InputError, WriteError
+from tallfmt.format.atomic import AtomicFile, AtomicFolder, write_atomic
 from tallfmt.format.dtypes import DTYPES, DType
+from tallfmt.format.files import name_problem
 from tallfmt.format.planner import plan_shards
 
 __all__ = ["SafetensorsWriter", "save_safetensors", "save_state_dict"]
@@ -32,20 +35,20 @@ _SHARD_RE = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 _Spec = tuple[str, DType, tuple[int, ...]]
 
 
-def _check_entries(entries: Iterable[tuple[str, str, tuple[int, ...]]]) -> list[_Spec]:
+def _check_entries(entries: Iterable[tuple[str, str, tuple[int, ...]]], path: Path) -> list[_Spec]:
     out: list[_Spec] = []
     seen: set[str] = set()
     for ent in entries:
         try:
             name, dt, shape = ent
         except (TypeError, ValueError):
-            raise InputError(f"entry {ent!r} is not (name, dtype, shape)") from None
+            raise InputError(f"{path}: entry {ent!r} is not (name, dtype, shape)") from None
         if not isinstance(name, str) or name == "__metadata__" or name in seen:
-            raise InputError(f"entry name {name!r} is not a string, is reserved or repeats")
+            raise InputError(f"{path}: tensor name {name!r} is not a string, is reserved by safetensors or repeats")
         if not isinstance(dt, str) or dt not in DTYPES:
-            raise InputError(f"entry {name!r}: unknown dtype {dt!r} (known: {', '.join(DTYPES)})")
+            raise InputError(f"{path}: entry {name!r}: unknown dtype {dt!r} (known: {', '.join(DTYPES)})")
         if not isinstance(shape, (tuple, list)) or len(shape) > MAX_NDIM or not all(is_uint(d) for d in shape):
-            raise InputError(f"entry {name!r}: shape {shape!r} is not a tuple of non-negative integers")
+            raise InputError(f"{path}: entry {name!r}: shape {shape!r} is not a tuple of non-negative integers")
         seen.add(name)
         out.append((name, DTYPES[dt], tuple(shape)))
     return out
@@ -104,7 +107,7 @@ class SafetensorsWriter:
     def __init__(self, path: str | os.PathLike[str], entries: list[tuple[str, str, tuple[int, ...]]],
                  metadata: dict[str, str] | None = None) -> None:
         self.path = Path(path)
-        self._specs = _check_entries(entries)
+        self._specs = _check_entries(entries, self.path)
         if metadata is not None and not (isinstance(metadata, Mapping) and all(
                 isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())):
             raise InputError(f"{self.path}: metadata must map strings to strings")
@@ -209,15 +212,23 @@ def _stream(path: Path, specs: list[_Spec], it: Iterator[tuple[str, torch.Tensor
 def save_state_dict(tensors: Iterable[tuple[str, torch.Tensor]] | Mapping[str, torch.Tensor],
                     path: str | os.PathLike[str], *,
                     entries: list[tuple[str, str, tuple[int, ...]]] | None = None,
-                    max_shard_size: int = 5 * 2**30, metadata: dict[str, str] | None = None) -> list[Path]:
+                    max_shard_size: int = 5 * 2**30, metadata: dict[str, str] | None = None,
+                    files: Mapping[str, bytes] | None = None) -> list[Path]:
     """Stream tensors to ``path`` and return the files written.
 
-    ``path`` ending in ``.safetensors``: one file. Otherwise a folder (created if needed), HF-style:
-    ``model.safetensors`` when the tensors fit in ``max_shard_size`` bytes, else
-    ``model-00001-of-0000N.safetensors`` ... and ``model.safetensors.index.json`` (``{"metadata":
-    {"total_size": N}, "weight_map": {name: file}}``, in entries order), written last. Folder shards
-    carry ``{"format": "pt", **metadata}`` as transformers expects. Weight files of the other layout
-    left in the folder by an earlier save are removed, so the folder holds one model.
+    ``path`` ending in ``.safetensors``: one file. Otherwise a folder, HF-style: ``model.safetensors``
+    when the tensors fit in ``max_shard_size`` bytes, else ``model-00001-of-0000N.safetensors`` ...
+    and ``model.safetensors.index.json`` (``{"metadata": {"total_size": N}, "weight_map": {name:
+    file}}``, in entries order). Folder shards carry ``{"format": "pt", **metadata}`` as transformers
+    expects. A folder is written beside ``path`` and swapped in as a whole
+    (:class:`~tallfmt.format.atomic.AtomicFolder`): the files of an earlier folder that are not model
+    weights (a config.json) are carried over, its weights replaced all at once or not at all.
+    ``files`` ({relative name: bytes}: a config.json, tokenizer files) are written into a folder output
+    too, inside the same swap.
+
+    Before anything is written, the output's size is checked against the free space of the disk
+    (WriteError, errno ENOSPC): an archive whose tied tensors (aliases) decode to far more bytes than
+    it stores is refused at once, not after filling the disk.
 
     ``entries`` ((name, dtype, shape) in the order the tensors come) let an iterable be streamed one
     tensor at a time; without them the iterable is first collected into a list.
@@ -235,39 +246,55 @@ def save_state_dict(tensors: Iterable[tuple[str, torch.Tensor]] | Mapping[str, t
         items: Iterable[tuple[str, torch.Tensor]] = tensors.items()
     else:
         items = tensors if entries is not None else list(tensors)
-    specs = _check_entries(entries if entries is not None else _entries_of(items))
+    out = Path(path)
+    specs = _check_entries(entries if entries is not None else _entries_of(items), out)
     if not is_uint(max_shard_size) or max_shard_size == 0:
         raise InputError(f"max_shard_size must be a positive integer, got {max_shard_size!r}")
-    out = Path(path)
     it = iter(items)
+    total = sum(math.prod(s) * d.itemsize for _, d, s in specs)
     if out.name.endswith(".safetensors"):
+        _check_space(out, total)
         return [_stream(out, specs, it, metadata, last=True)]
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: exists and is not a folder (name a .safetensors file or a folder)")
-    out.mkdir(parents=True, exist_ok=True)
+    _check_space(out, total)
     meta = {"format": "pt", **(metadata or {})}
     runs = plan_shards([math.prod(shape) * d.itemsize for _, d, shape in specs], max_shard_size=max_shard_size)
     shards = [specs[r.start:r.stop] for r in runs]
-    if len(shards) == 1:
-        written = [_stream(out / SINGLE_NAME, specs, it, meta, last=True)]
-        _remove_stale(out, keep=set(), index_too=True)
-        return written
-    names = [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
-    written = [_stream(out / fn, grp, it, meta, last=i == len(shards) - 1)
-               for i, (fn, grp) in enumerate(zip(names, shards))]
-    # before the index: a stale model.safetensors would be read instead of the new shards
-    (out / SINGLE_NAME).unlink(missing_ok=True)
-    index = {"metadata": {"total_size": sum(math.prod(s) * d.itemsize for _, d, s in specs)},
-             "weight_map": {n: fn for fn, grp in zip(names, shards) for n, _, _ in grp}}
-    write_atomic(out / INDEX_NAME, (json.dumps(index, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
-    _remove_stale(out, keep=set(names), index_too=False)
-    return [*written, out / INDEX_NAME]
+    names = [SINGLE_NAME] if len(shards) == 1 else [
+        f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+    with AtomicFolder(out, carried=lambda n: not is_weight_file(n)) as tmp:
+        for i, (fn, grp) in enumerate(zip(names, shards)):
+            _stream(tmp / fn, grp, it, meta, last=i == len(shards) - 1)
+        if len(shards) > 1:
+            index = {"metadata": {"total_size": total},
+                     "weight_map": {n: fn for fn, grp in zip(names, shards) for n, _, _ in grp}}
+            write_atomic(tmp / INDEX_NAME, (json.dumps(index, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+            names.append(INDEX_NAME)
+        for name, data in (files or {}).items():
+            why = name_problem(name)
+            if why is not None:  # the header checks already refused these; never write outside the folder
+                raise InputError(f"{out}: refusing to write file {name!r}: {why}")
+            target = tmp.joinpath(*name.split("/"))
+            target.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(target, bytes(data))
+            names.append(name)
+    return [out.joinpath(*n.split("/")) for n in names]
 
 
-def _remove_stale(folder: Path, keep: set[str], index_too: bool) -> None:
-    if index_too:
-        (folder / INDEX_NAME).unlink(missing_ok=True)
-    for p in folder.iterdir():
-        if _SHARD_RE.fullmatch(p.name) and p.name not in keep:
-            p.unlink(missing_ok=True)
+def is_weight_file(name: str) -> bool:
+    """Whether a file name in a model folder is one of the weight files tallfmt writes (replaced, not
+    carried over, when the folder is written again)."""
+    return name in (SINGLE_NAME, INDEX_NAME) or _SHARD_RE.fullmatch(name) is not None
 
+
+def _check_space(out: Path, need: int) -> None:
+    """WriteError (ENOSPC) when the disk that will hold ``out`` has fewer than ``need`` bytes free."""
+    folder = next((p for p in (out, *out.parents) if p.is_dir()), Path("."))
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return
+    if need > free:
+        raise WriteError(errno.ENOSPC, f"{out}: the model is {need:,} bytes, but {folder} has {free:,} bytes free; "
+                                       f"nothing was written")

@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import math
 import struct
-from fractions import Fraction
 from typing import Sequence
 
 import torch
 from torch import Tensor
 
 from tallfmt.errors import InputError, check_count
+from tallfmt.format import header
 
 __all__ = [
     "task_vector",
@@ -168,7 +168,7 @@ def topk_count(total: int, density: float) -> int:
     d = _real(density, "density")
     if not 0.0 <= d <= 1.0:
         raise InputError(f"density: must be in [0, 1], got {density}")
-    return math.ceil(Fraction(repr(d)) * n)
+    return header.topk_count(n, d)  # the rule readers check the index's thresholds with
 
 
 def topk_threshold_dense(x: Tensor, density: float) -> float:

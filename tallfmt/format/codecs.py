@@ -118,11 +118,22 @@ def zstd_compress(data: Buffer, level: int = ZSTD_LEVEL) -> bytes:
     return _compressor(level).compress(as_bytes(data))
 
 
+#: The magic number that starts a zstd frame (RFC 8878 §3.1.1); skippable frames have others.
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+
 def _check_frame(view: memoryview, decoded_length: int, what: str) -> None:
+    """The frame header rules of FORMAT.md §5, before anything is decompressed: a zstd frame (not a
+    skippable one), its content size stated and equal to ``decoded_length``, no dictionary, a window
+    of at most MAX_WINDOW bytes."""
+    if bytes(view[:4]) != ZSTD_MAGIC:
+        raise FormatError(f"{what}: not a zstd frame (magic {bytes(view[:4]).hex()}; skippable frames are not allowed)")
     try:
         params = zstandard.get_frame_parameters(view)
     except zstandard.ZstdError as exc:
         raise FormatError(f"{what}: not a zstd frame ({exc})") from None
+    if params.dict_id:
+        raise FormatError(f"{what}: the frame needs dictionary {params.dict_id}; frames use no dictionary")
     size = params.content_size
     if size != decoded_length:
         shown = "no content size" if size == zstandard.CONTENTSIZE_UNKNOWN else f"{size} decoded bytes"

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import json
 import math
+import struct
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Any, Iterator
 
 import xxhash
@@ -17,7 +20,7 @@ from tallfmt.errors import FormatError, LimitError
 from tallfmt.format import dtypes
 from tallfmt.format.codecs import CODECS, MAX_EXPANSION, Buffer
 from tallfmt.format.files import FILES_MINOR, Files, check_files
-from tallfmt.format.jsonio import loads_strict_object
+from tallfmt.format.jsonio import is_text, loads_strict_object
 
 MAGIC = b"\x89TALL\r\n\x1a"
 FORMAT_NAME = "tallfmt"
@@ -34,7 +37,11 @@ MAX_TASKS = 4096
 MAX_TENSORS = 1_000_000
 MAX_NDIM = 32
 MAX_NAME_BYTES = 4096
-MAX_TENSOR_BYTES = 1 << 48
+MAX_DIM = 1 << 48                 # each dimension
+MAX_TENSOR_BYTES = 1 << 48        # n × itemsize of one tensor (n = 0 when any dimension is 0)
+MAX_INT = (1 << 63) - 1           # integer fields (offset, length, ...) are in [0, 2**63)
+MAX_VERSION = 65535               # version numbers are u16
+MAX_STATS = 256                   # keys of one task's `stats`
 
 ROLES = ("masked", "shared", "per_task", "alias")
 MERGE_METHODS = ("task_arithmetic", "ties")  # how τ_MTL was made (encoding.merge)
@@ -48,6 +55,84 @@ def align(n: int) -> int:
 def checksum(data: Buffer) -> str:
     """xxh3-64 of the bytes, 16 lowercase hex digits."""
     return xxhash.xxh3_64_hexdigest(data)
+
+
+# ----------------------------------------------------------------------------------------------
+# The rules a writer checks before writing and a reader checks on open (one implementation)
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why a name or a shape is not allowed (FORMAT.md §6). ``limit``: a documented numeric limit is
+    exceeded (a reader raises LimitError), else the value is malformed (FormatError). A writer raises
+    InputError with the same message, before writing anything."""
+
+    message: str
+    limit: bool = False
+
+
+def name_refusal(name: Any) -> Refusal | None:
+    """None for a valid task or tensor name: Unicode text of 1..4096 UTF-8 bytes.
+
+        >>> name_refusal("enc.w") is None, name_refusal("\\ud800").limit, name_refusal("x" * 4097).limit
+        (True, False, True)
+    """
+    if not isinstance(name, str):
+        return Refusal(f"a name is a string, not a {type(name).__name__}")
+    if not name:
+        return Refusal(f"a name is 1..{MAX_NAME_BYTES} UTF-8 bytes; this one is empty")
+    if not is_text(name):
+        return Refusal("a name must be Unicode text (writable as UTF-8); this one holds an unpaired surrogate")
+    if len(name) * 4 > MAX_NAME_BYTES:  # at most 4 bytes per character: only long names are encoded
+        n = len(name.encode("utf-8"))
+        if n > MAX_NAME_BYTES:
+            return Refusal(f"a name of {n} UTF-8 bytes is over the {MAX_NAME_BYTES}-byte limit", limit=True)
+    return None
+
+
+def shape_refusal(shape: Sequence[Any], itemsize: int) -> Refusal | None:
+    """None for a valid shape of elements of ``itemsize`` bytes: at most 32 dimensions, each an integer
+    in [0, 2**48], and n × itemsize ≤ 2**48 bytes where n is the product (0 if any dimension is 0).
+    The product is formed without overflow (it stops as soon as it passes the limit).
+
+        >>> shape_refusal([2**48, 0], 4) is None, shape_refusal([2**47, 4], 1).limit
+        (True, True)
+    """
+    if len(shape) > MAX_NDIM:
+        return Refusal(f"{len(shape)} dimensions, the limit is {MAX_NDIM}", limit=True)
+    for i, d in enumerate(shape):
+        if isinstance(d, bool) or not isinstance(d, int) or d < 0:
+            return Refusal(f"dimension {i} is {d!r}, not a non-negative integer")
+        if d > MAX_DIM:
+            return Refusal(f"dimension {i} is {d}, over the 2**48 limit", limit=True)
+    if 0 in shape:
+        return None
+    n = itemsize
+    for d in shape:
+        n *= d
+        if n > MAX_TENSOR_BYTES:
+            return Refusal(f"{list(shape)} × {itemsize} bytes is over the {MAX_TENSOR_BYTES}-byte (2**48) "
+                           f"tensor limit", limit=True)
+    return None
+
+
+def topk_count(total: int, density: float) -> int:
+    """k = ⌈density · total⌉ with density read as its shortest decimal representation (FORMAT.md §4.2),
+    so 0.07 · 100 gives 7.
+
+        >>> topk_count(100, 0.07), topk_count(15, 0.2), topk_count(5, 0.0)
+        (7, 3, 0)
+    """
+    return math.ceil(Fraction(repr(float(density))) * total)
+
+
+def fits_float32(x: float) -> bool:
+    """Whether ``x`` rounds to a finite float32 (round to nearest even)."""
+    try:
+        struct.pack("<f", x)
+    except OverflowError:
+        return False
+    return True
 
 
 # ----------------------------------------------------------------------------------------------
@@ -107,20 +192,19 @@ class TensorEntry:
         for s, _ in self.parts():
             yield s
 
-    def parts(self) -> Iterator[tuple[Segment, int]]:
-        """(segment, itemsize of its elements) for every segment of the row."""
-        if self.role in ("masked", "shared"):
-            own = dtypes.by_name(self.dtype).itemsize
-            for s in (self.base, self.data):
-                if s is not None:
-                    yield s, own
+    def parts(self) -> Iterator[tuple[Segment, str]]:
+        """(segment, what its elements are) for every segment of the row: a dtype name, or "mask" for
+        a packed mask of ``numel`` bits."""
+        for s in (self.base, self.data):
+            if s is not None:
+                yield s, self.dtype
         if self.tau is not None:
-            yield self.tau, 4
+            yield self.tau, "F32"
         for m in self.masks:
-            yield m, 1
+            yield m, "mask"
         for it in (self.base_item, *self.task_items):
             if it is not None:
-                yield it.data, dtypes.by_name(it.dtype).itemsize
+                yield it.data, it.dtype
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.name, "role": self.role}
@@ -184,12 +268,18 @@ class Header:
 class HeaderChecker:
     """Validates the parsed JSON against FORMAT.md; every error names the file and the JSON path."""
 
+    what = "header"
+
     def __init__(self, path: str, strict: bool) -> None:
         self.path = path
         self.strict = strict  # unknown keys are errors unless the file's minor version is newer
 
     def fail(self, where: str, msg: str) -> FormatError:
-        return FormatError(f"{self.path}: header {where}: {msg}")
+        return FormatError(f"{self.path}: {self.what} {where}: {msg}")
+
+    def refuse(self, where: str, r: Refusal) -> FormatError:
+        """The error for a Refusal: LimitError for a limit, else FormatError."""
+        return LimitError(f"{self.path}: {self.what} {where}: {r.message}") if r.limit else self.fail(where, r.message)
 
     def obj(self, v: Any, where: str, required: set[str], optional: frozenset[str] = frozenset()) -> dict:
         if not isinstance(v, dict):
@@ -197,72 +287,102 @@ class HeaderChecker:
         missing = required - v.keys()
         if missing:
             raise self.fail(where, f"missing key(s) {sorted(missing)}")
-        extra = v.keys() - required - optional
-        if extra and self.strict:
-            raise self.fail(where, f"unknown key(s) {sorted(extra)}")
-        for k, x in v.items():  # JSON can escape an unpaired surrogate ("\ud800"): not Unicode text
-            for s, at in ((k, f"{where} (a key)" if where else "(a key)"), (x, f"{where}.{k}" if where else k)):
-                if isinstance(s, str) and not s.isascii() and not _is_unicode(s):
-                    raise self.fail(at, f"{s!r} holds an unpaired surrogate escape, not Unicode text")
+        if self.strict:
+            extra = v.keys() - required - optional
+            if extra:
+                raise self.fail(where, f"unknown key(s) {sorted(extra)}")
         return v
 
-    def int_(self, v: Any, where: str, lo: int = 0, hi: int = 1 << 63) -> int:
+    def free_obj(self, v: Any, where: str) -> dict:
+        """An object whose keys are free (stats, metadata, weight_map)."""
+        if not isinstance(v, dict):
+            raise self.fail(where, f"expected an object, got {type(v).__name__}")
+        return v
+
+    def int_(self, v: Any, where: str, lo: int = 0, hi: int = MAX_INT) -> int:
         if not isinstance(v, int) or isinstance(v, bool):
             raise self.fail(where, f"expected an integer, got {type(v).__name__}")
         if not lo <= v <= hi:
-            raise self.fail(where, f"{v} is outside [{lo}, {hi}]")
+            shown = v if -10**20 < v < 10**20 else f"an integer of {len(str(abs(v)))} digits"
+            raise self.fail(where, f"{shown} is outside [{lo}, {hi}]")
         return v
 
     def num(self, v: Any, where: str, allow_none: bool = False) -> float | None:
+        """A JSON number as a double: refused unless it rounds to a finite one (1e999, a 401-digit
+        integer)."""
         if v is None and allow_none:
             return None
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            raise self.fail(where, f"expected a finite number, got {v!r}")
-        return float(v)
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise self.fail(where, f"expected a finite number, got {type(v).__name__}")
+        try:
+            x = float(v)
+        except OverflowError:
+            x = math.inf
+        if not math.isfinite(x):
+            raise self.fail(where, "expected a finite number, got one that does not fit a double")
+        return x
 
     def str_(self, v: Any, where: str, choices: tuple[str, ...] | None = None) -> str:
         if not isinstance(v, str):
             raise self.fail(where, f"expected a string, got {type(v).__name__}")
         if choices is not None and v not in choices:
-            raise self.fail(where, f"{v!r} is not one of {list(choices)}")
+            raise self.fail(where, f"{v[:80]!r} is not one of {list(choices)}")
         return v
 
     def list_(self, v: Any, where: str, max_len: int) -> list:
         if not isinstance(v, list):
             raise self.fail(where, f"expected an array, got {type(v).__name__}")
         if len(v) > max_len:
-            raise LimitError(f"{self.path}: header {where}: {len(v)} entries, the limit is {max_len}")
+            raise LimitError(f"{self.path}: {self.what} {where}: {len(v)} entries, the limit is {max_len}")
         return v
 
     def name(self, v: Any, where: str) -> str:
         s = self.str_(v, where)
-        if not s or len(s.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
-            raise self.fail(where, f"names must be 1..{MAX_NAME_BYTES} bytes")
+        r = name_refusal(s)
+        if r is not None:
+            raise self.refuse(where, r)
         return s
 
     def dtype(self, v: Any, where: str, allowed: frozenset[str] | None = None) -> str:
         s = self.str_(v, where)
         if s not in dtypes.DTYPES or (allowed is not None and s not in allowed):
-            raise self.fail(where, f"unknown or unsupported dtype {s!r}")
+            raise self.fail(where, f"unknown or unsupported dtype {s[:80]!r}")
         return s
 
     def shape(self, v: Any, where: str, itemsize: int) -> tuple[int, ...]:
-        dims = self.list_(v, where, MAX_NDIM)
-        shape = tuple(self.int_(d, f"{where}[{i}]", 0, MAX_TENSOR_BYTES) for i, d in enumerate(dims))
-        n = 1
-        for d in shape:  # overflow-safe: stop as soon as the product passes the cap
-            n *= d
-            if n * itemsize > MAX_TENSOR_BYTES:
-                raise LimitError(f"{self.path}: header {where}: {list(shape)} × {itemsize} bytes is over "
-                                 f"the {MAX_TENSOR_BYTES}-byte tensor limit")
+        if type(v) is list and len(v) <= MAX_NDIM and all(type(d) is int and 0 <= d <= MAX_DIM for d in v):
+            shape = tuple(v)  # the common case, checked without building a message per dimension
+            r = shape_refusal(shape, itemsize)
+            if r is not None:
+                raise self.refuse(where, r)
+            return shape
+        if not isinstance(v, list):
+            raise self.fail(where, f"expected an array, got {type(v).__name__}")
+        if len(v) > MAX_NDIM:  # before looking at the dimensions
+            raise self.refuse(where, Refusal(f"{len(v)} dimensions, the limit is {MAX_NDIM}", limit=True))
+        shape = tuple(self.int_(d, f"{where}[{i}]") for i, d in enumerate(v))
+        r = shape_refusal(shape, itemsize)
+        if r is not None:
+            raise self.refuse(where, r)
         return shape
 
-    def segment(self, v: Any, where: str, decoded_length: int) -> Segment:
-        o = self.obj(v, where, {"offset", "length", "decoded_length", "codec", "xxh3"})
+    def segment(self, v: Any, where: str, decoded_length: int, index: int | None = None) -> Segment:
+        """A SEGMENT object at ``where`` (``where[index]`` in a list) of ``decoded_length`` bytes."""
+        if type(v) is dict and (len(v) == 5 or not self.strict) and _SEGMENT_KEYS <= v.keys():
+            off, ln, dl, codec, x = v["offset"], v["length"], v["decoded_length"], v["codec"], v["xxh3"]
+            if (type(off) is int and type(ln) is int and type(dl) is int and type(codec) is str and type(x) is str
+                    and 0 <= off <= MAX_INT and 0 <= ln <= MAX_INT and dl == decoded_length and codec in CODECS
+                    and len(x) == 16 and _HEX.issuperset(x) and (codec != "raw" or ln == dl)
+                    and dl <= MAX_EXPANSION * ln + 4096):
+                return Segment(off, ln, dl, codec, x)  # valid: no message built
+        return self._segment(v, where if index is None else f"{where}[{index}]", decoded_length)
+
+    def _segment(self, v: Any, where: str, decoded_length: int) -> Segment:
+        o = self.obj(v, where, _SEGMENT_KEYS)
         seg = Segment(self.int_(o["offset"], f"{where}.offset"), self.int_(o["length"], f"{where}.length"),
                       self.int_(o["decoded_length"], f"{where}.decoded_length"),
                       self.str_(o["codec"], f"{where}.codec", tuple(CODECS)), self.str_(o["xxh3"], f"{where}.xxh3"))
-        if len(seg.xxh3) != 16 or any(c not in "0123456789abcdef" for c in seg.xxh3):
+        if len(seg.xxh3) != 16 or not _HEX.issuperset(seg.xxh3):
             raise self.fail(f"{where}.xxh3", "expected 16 lowercase hex digits")
         if seg.decoded_length != decoded_length:
             raise self.fail(f"{where}.decoded_length",
@@ -270,7 +390,7 @@ class HeaderChecker:
         if seg.codec == "raw" and seg.length != seg.decoded_length:
             raise self.fail(f"{where}.length", f"raw segment: stored {seg.length} != decoded {seg.decoded_length}")
         if seg.decoded_length > MAX_EXPANSION * seg.length + 4096:
-            raise LimitError(f"{self.path}: header {where}: {seg.decoded_length} decoded bytes from "
+            raise LimitError(f"{self.path}: {self.what} {where}: {seg.decoded_length} decoded bytes from "
                              f"{seg.length} stored is past the {MAX_EXPANSION}× expansion limit")
         return seg
 
@@ -282,11 +402,10 @@ class HeaderChecker:
         return Item(dt, shape, self.segment(o["data"], f"{where}.data", math.prod(shape) * isz))
 
     def tensor(self, v: Any, where: str, n_tasks: int) -> TensorEntry:
-        o = self.obj(v, where, {"name", "role"}, frozenset({"dtype", "shape", "base", "tau", "masks", "data",
-                                                            "tasks", "target"}))
+        o = self.obj(v, where, {"name", "role"}, _ROW_KEYS)
         name = self.name(o["name"], f"{where}.name")
         role = self.str_(o["role"], f"{where}.role", ROLES)
-        where = f"{where} ({name!r})"
+        where = f"{where} ({name[:80]!r})"
         if role == "masked":
             o = self.obj(o, where, {"name", "role", "dtype", "shape", "base", "tau", "masks"})
             dt = self.dtype(o["dtype"], f"{where}.dtype", dtypes.MASKABLE)
@@ -299,7 +418,7 @@ class HeaderChecker:
             return TensorEntry(name, role, dt, shape,
                                base=self.segment(o["base"], f"{where}.base", n * isz),
                                tau=self.segment(o["tau"], f"{where}.tau", n * 4),
-                               masks=tuple(self.segment(m, f"{where}.masks[{i}]", (n + 7) // 8)
+                               masks=tuple(self.segment(m, at, (n + 7) // 8, i) for at in (f"{where}.masks",)
                                            for i, m in enumerate(masks)))
         if role == "shared":
             o = self.obj(o, where, {"name", "role", "dtype", "shape", "data"})
@@ -322,74 +441,93 @@ class HeaderChecker:
         o = self.obj(o, where, {"name", "role", "target"})
         return TensorEntry(name, role, target=self.name(o["target"], f"{where}.target"))
 
+    def method(self, v: Any, where: str, methods: tuple[str, ...], params: dict[str, frozenset[str]]) -> dict:
+        """encoding.merge / encoding.mask: a method and exactly its parameters (unknown keys only in a
+        newer minor version)."""
+        known = frozenset().union(*params.values())
+        m = self.obj(v, where, {"method"}, known)
+        method = self.str_(m["method"], f"{where}.method", methods)
+        wrong = (known - params[method]) & m.keys()
+        if wrong:
+            raise self.fail(where, f"{method} takes no parameter(s) {sorted(wrong)}")
+        self.obj(m, where, {"method", *params[method]}, known)
+        if "density" in params[method]:
+            d = self.num(m["density"], f"{where}.density")
+            if not 0 <= d <= 1:
+                raise self.fail(f"{where}.density", f"{d} is outside [0, 1]")
+            self.str_(m["scope"], f"{where}.scope", ("global", "per_tensor"))
+        if "agg" in params[method]:
+            self.str_(m["agg"], f"{where}.agg", ("sum", "mean"))
+        return m
+
     def encoding(self, v: Any) -> dict[str, Any]:
         o = self.obj(v, "encoding", {"merge", "mask", "compute_dtype", "bit_order"})
         self.str_(o["compute_dtype"], "encoding.compute_dtype", ("F32",))
         self.str_(o["bit_order"], "encoding.bit_order", ("little",))
-        m = self.obj(o["merge"], "encoding.merge", {"method"}, frozenset({"density", "agg", "scope"}))
-        method = self.str_(m["method"], "encoding.merge.method", MERGE_METHODS)
-        if method == "ties":
-            self.obj(m, "encoding.merge", {"method", "density", "agg", "scope"})
-            d = self.num(m["density"], "encoding.merge.density")
-            if not 0 <= d <= 1:
-                raise self.fail("encoding.merge.density", f"{d} is outside [0, 1]")
-            self.str_(m["agg"], "encoding.merge.agg", ("sum", "mean"))
-            self.str_(m["scope"], "encoding.merge.scope", ("global", "per_tensor"))
-        elif len(m) != 1:
-            raise self.fail("encoding.merge", "task_arithmetic takes no parameters")
-        k = self.obj(o["mask"], "encoding.mask", {"method"}, frozenset({"density", "scope"}))
-        if self.str_(k["method"], "encoding.mask.method", MASK_METHODS) == "magnitude":
-            self.obj(k, "encoding.mask", {"method", "density", "scope"})
-            d = self.num(k["density"], "encoding.mask.density")
-            if not 0 <= d <= 1:
-                raise self.fail("encoding.mask.density", f"{d} is outside [0, 1]")
-            self.str_(k["scope"], "encoding.mask.scope", ("global", "per_tensor"))
-        elif len(k) != 1:
-            raise self.fail("encoding.mask", "tall takes no parameters (λ is per task)")
+        self.method(o["merge"], "encoding.merge", MERGE_METHODS, _MERGE_PARAMS)
+        self.method(o["mask"], "encoding.mask", MASK_METHODS, _MASK_PARAMS)
         return o
 
     def task(self, v: Any, where: str) -> TaskEntry:
         o = self.obj(v, where, {"name", "lambda", "stats"})
+        name = self.name(o["name"], f"{where}.name")
         lam = self.num(o["lambda"], f"{where}.lambda", allow_none=True)
-        stats = self.obj(o["stats"], f"{where}.stats", set(), frozenset(o["stats"]) if isinstance(o["stats"], dict) else frozenset())
+        stats = self.free_obj(o["stats"], f"{where}.stats")
+        if len(stats) > MAX_STATS:
+            raise LimitError(f"{self.path}: {self.what} {where}.stats: {len(stats)} keys, the limit is {MAX_STATS}")
         for k, s in stats.items():
-            if s is not None and (isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s)):
-                raise self.fail(f"{where}.stats.{k}", "statistics are finite numbers or null")
-        return TaskEntry(self.name(o["name"], f"{where}.name"), lam, dict(stats))
+            if s is not None:
+                self.num(s, f"{where}.stats.{k[:80]}")
+        return TaskEntry(name, lam, dict(stats))
+
+    def tasks(self, v: Any, enc: dict[str, Any]) -> tuple[TaskEntry, ...]:
+        """The task list: 1..4096 tasks, unique names; λ by the mask method (TALL: every λ a number
+        > 0 whose float32 rounding is finite; magnitude: every λ null)."""
+        tasks = tuple(self.task(t, f"tasks[{i}]") for i, t in enumerate(self.list_(v, "tasks", MAX_TASKS)))
+        if not tasks:
+            raise self.fail("tasks", "an archive holds at least one task")
+        if len({t.name for t in tasks}) != len(tasks):
+            raise self.fail("tasks", "duplicate task names")
+        tall = enc["mask"]["method"] == "tall"
+        for i, t in enumerate(tasks):
+            if not tall and t.lam is not None:
+                raise self.fail(f"tasks[{i}].lambda", "must be null: magnitude masks have no λ")
+            if tall and (t.lam is None or not t.lam > 0 or not fits_float32(t.lam)):
+                raise self.fail(f"tasks[{i}].lambda", f"TALL masks need a λ > 0 whose float32 rounding is finite, "
+                                                       f"got {t.lam!r}")
+        return tasks
+
+    def version(self, v: Any) -> tuple[int, int]:
+        if not isinstance(v, list) or len(v) != 2:
+            raise self.fail("version", "expected [major, minor], a list of two integers")
+        return self.int_(v[0], "version[0]", 0, MAX_VERSION), self.int_(v[1], "version[1]", 0, MAX_VERSION)
+
+    def metadata(self, v: Any) -> dict[str, str]:
+        meta = self.free_obj(v, "metadata")
+        for k, s in meta.items():
+            if not isinstance(s, str):
+                raise self.fail(f"metadata.{k[:80]}", "metadata values are strings")
+        return meta  # freshly parsed, owned by this header: no copy of a possibly large object
 
     def header(self, v: Any) -> Header:
         o = self.obj(v, "", {"format", "version", "tasks", "encoding", "tensors", "metadata"}, since_1_1(v))
         if o["format"] != FORMAT_NAME:
-            raise self.fail("format", f"expected {FORMAT_NAME!r}, got {o['format']!r}")
-        ver = self.list_(o["version"], "version", 2)
-        if len(ver) != 2:
-            raise self.fail("version", "expected [major, minor]")
-        version = (self.int_(ver[0], "version[0]", 0, 65535), self.int_(ver[1], "version[1]", 0, 65535))
-        tasks = tuple(self.task(t, f"tasks[{i}]") for i, t in enumerate(self.list_(o["tasks"], "tasks", MAX_TASKS)))
-        names = [t.name for t in tasks]
-        if len(set(names)) != len(names):
-            raise self.fail("tasks", "duplicate task names")
-        if not tasks:
-            raise self.fail("tasks", "an archive holds at least one task")
+            raise self.fail("format", f"expected {FORMAT_NAME!r}, got {str(o['format'])[:80]!r}")
+        version = self.version(o["version"])
         enc = self.encoding(o["encoding"])
-        if enc["mask"]["method"] == "tall" and any(t.lam is None for t in tasks):
-            raise self.fail("tasks", "TALL masks need a lambda for every task")
+        tasks = self.tasks(o["tasks"], enc)
         raw = self.list_(o["tensors"], "tensors", MAX_TENSORS)
         tensors = tuple(self.tensor(t, f"tensors[{i}]", len(tasks)) for i, t in enumerate(raw))
         by_name = {}
         for t in tensors:
             if t.name in by_name:
-                raise self.fail("tensors", f"duplicate tensor name {t.name!r}")
+                raise self.fail("tensors", f"duplicate tensor name {t.name[:80]!r}")
             by_name[t.name] = t
         for t in tensors:
             if t.role == "alias" and (t.target not in by_name or by_name[t.target].role == "alias"):
-                raise self.fail(f"tensors ({t.name!r}).target", f"{t.target!r} is not a stored tensor")
-        meta = self.obj(o["metadata"], "metadata", set(), frozenset(o["metadata"]) if isinstance(o["metadata"], dict) else frozenset())
-        for k, s in meta.items():
-            if not isinstance(s, str):
-                raise self.fail(f"metadata.{k}", "metadata values are strings")
+                raise self.fail(f"tensors ({t.name[:80]!r}).target", f"{t.target[:80]!r} is not a stored tensor")
         files = check_files(self, o["files"], len(tasks)) if "files" in o else None
-        return Header(tasks, enc, tensors, dict(meta), version, files)
+        return Header(tasks, enc, tensors, self.metadata(o["metadata"]), version, files)
 
 
 def version_for(files: Files | None) -> tuple[int, int]:
@@ -405,21 +543,22 @@ def since_1_1(v: Any) -> frozenset[str]:
     return frozenset({"files"}) if ok else frozenset()
 
 
-def _is_unicode(s: str) -> bool:
-    try:
-        s.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
+_SEGMENT_KEYS = {"offset", "length", "decoded_length", "codec", "xxh3"}
+_ROW_KEYS = frozenset({"dtype", "shape", "base", "tau", "masks", "data", "tasks", "target"})
+_MERGE_PARAMS = {"task_arithmetic": frozenset(), "ties": frozenset({"density", "agg", "scope"})}
+_MASK_PARAMS = {"tall": frozenset(), "magnitude": frozenset({"density", "scope"})}
+_HEX = frozenset("0123456789abcdef")
 
 
-def load_json_object(raw: bytes, path: str, what: str = "header", minor: int = MINOR) -> tuple[Any, bool]:
-    """Decode and parse a header-like JSON object by §1.2's rules (UTF-8, starts with '{', depth,
-    no duplicate keys, no NaN/Infinity): (object, strict), strict unless its ``version`` minor number
-    is newer than ``minor``, the reader's. FormatError/LimitError name ``path`` and ``what``."""
+def load_json_object(raw: bytes, path: str, what: str = "header", minor: int = MINOR,
+                     trailing_whitespace: bool = False) -> tuple[Any, bool]:
+    """Decode and parse a header-like JSON object by §1.2's rules (UTF-8, first byte '{', last byte '}'
+    unless ``trailing_whitespace``, depth, no duplicate keys, no NaN/Infinity, Unicode strings):
+    (object, strict), strict unless its ``version`` minor number is newer than ``minor``, the
+    reader's. FormatError/LimitError name ``path`` and ``what``."""
     obj = loads_strict_object(raw, lambda msg: FormatError(f"{path}: {msg}"), what,
                               lambda: LimitError(f"{path}: {what} JSON nests deeper than {MAX_JSON_DEPTH} levels"),
-                              MAX_JSON_DEPTH)
+                              MAX_JSON_DEPTH, trailing_whitespace)
     ver = obj.get("version") if isinstance(obj, dict) else None
     return obj, not (isinstance(ver, list) and len(ver) == 2 and isinstance(ver[1], int) and ver[1] > minor)
 
@@ -430,37 +569,52 @@ def parse_header(raw: bytes, path: str = "<header>") -> Header:
     return HeaderChecker(path, strict).header(obj)
 
 
-def segment_locations(header: Header) -> list[tuple[str, Segment]]:
-    """(where, segment) for every segment, in table order; `where` names the header field, e.g.
-    ``tensors[0] ('enc.w').masks[1]``, for error messages."""
-    out = []
+Location = tuple[int, str, int]  # (row, part, index within the part or -1)
+
+
+def segment_locations(header: Header) -> list[tuple[Location, Segment]]:
+    """(location, segment) for every segment, in table order; :func:`describe` turns a location into
+    the header field it names, e.g. ``tensors[0] ('enc.w').masks[1] (task 'b')``, for error messages
+    (built only when one is needed: a header may hold millions of segments)."""
+    out: list[tuple[Location, Segment]] = []
     for i, t in enumerate(header.tensors):
-        where = f"tensors[{i}] ({t.name!r})"
         for part in ("base", "tau", "data"):
             s = getattr(t, part)
             if s is not None:
-                out.append((f"{where}.{part}", s))
-        out.extend((f"{where}.masks[{j}]", s) for j, s in enumerate(t.masks))
+                out.append(((i, part, -1), s))
+        out.extend(((i, "masks", j), s) for j, s in enumerate(t.masks))
         if t.base_item is not None:
-            out.append((f"{where}.base.data", t.base_item.data))
-        out.extend((f"{where}.tasks[{j}].data", it.data) for j, it in enumerate(t.task_items) if it is not None)
+            out.append(((i, "base.data", -1), t.base_item.data))
+        out.extend(((i, "tasks", j), it.data) for j, it in enumerate(t.task_items) if it is not None)
     return out
 
 
+def describe(header: Header, loc: Location) -> str:
+    """The header field a segment location names."""
+    i, part, j = loc
+    where = f"tensors[{i}] ({header.tensors[i].name[:80]!r})"
+    if part == "masks":
+        return f"{where}.masks[{j}] (task {header.tasks[j].name[:80]!r})"
+    if part == "tasks":
+        return f"{where}.tasks[{j}].data"
+    return f"{where}.{part}"
+
+
 def check_layout(header: Header, file_size: int, header_offset: int, path: str) -> list[Segment]:
-    """Segments must tile the data section: sorted by offset, each at align64(previous end)."""
-    located = sorted(segment_locations(header), key=lambda ws: ws[1].offset)
+    """Segments must tile the data section: sorted by (offset, length) — a zero-length segment first
+    among those at one offset — each at align64(previous end)."""
+    located = sorted(segment_locations(header), key=lambda ws: (ws[1].offset, ws[1].length))
     pos = PREAMBLE_SIZE
-    for where, s in located:
+    for loc, s in located:
         if s.offset != align(pos):
             what = "overlaps the previous segment" if s.offset < pos else (
                 "is misaligned" if s.offset % ALIGN else "leaves a gap after the previous segment")
-            raise FormatError(f"{path}: header {where}.offset: segment at offset {s.offset} {what} "
+            raise FormatError(f"{path}: header {describe(header, loc)}.offset: segment at offset {s.offset} {what} "
                               f"(expected offset {align(pos)})")
         pos = s.offset + s.length
         if pos > file_size:
-            raise FormatError(f"{path}: header {where}.length: segment at offset {s.offset} with {s.length} "
-                              f"bytes runs past the end of the file ({file_size} bytes)")
+            raise FormatError(f"{path}: header {describe(header, loc)}.length: segment at offset {s.offset} with "
+                              f"{s.length} bytes runs past the end of the file ({file_size} bytes)")
     segs = [s for _, s in located]
     if header_offset != align(pos):
         raise FormatError(f"{path}: header offset {header_offset} does not follow the last segment "

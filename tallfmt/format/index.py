@@ -1,8 +1,8 @@
 """The index of a sharded archive, ``tall.index.json`` (FORMAT.md §9.2, §9.3): its model, how it is
 sealed with its own checksum, and its checks.
 
-    >>> shard_name(1, 3)
-    'model-00001-of-00003.tall'
+    >>> shard_name(1, 3, "0123456789abcdef")
+    'model-00001-of-00003-0123456789abcdef.tall'
 """
 
 from __future__ import annotations
@@ -27,14 +27,23 @@ INDEX_MAJOR, INDEX_MINOR = 1, FILES_MINOR  # the newest minor this reader knows 
 MAX_SHARDS = 99_999                     # five digits in the shard file names
 MAX_INDEX_BYTES = 256 * 1024 * 1024
 MAX_FILE_NAME_BYTES = 255               # what common filesystems allow for one path component
-SHARD_RE = re.compile(r"model-\d{5}-of-\d{5}\.tall")
+# The writer's shard names (and those of tallfmt before content-named shards): files of the folder
+# that match and that the index does not list are leftovers a later encode removes (FORMAT.md §9.5).
+SHARD_RE = re.compile(r"model-\d{5}-of-\d{5}(-[0-9a-f]{16})?\.tall")
 # The index ends with its own checksum: `"checksum": "<16 hex>"` closing the top-level object.
 _CHECKSUM_TAIL = re.compile(rb'"checksum"[ \t\r\n]*:[ \t\r\n]*"([0-9a-f]{16})"[ \t\r\n]*\}[ \t\r\n]*\Z')
 _HEX16 = re.compile(r"[0-9a-f]{16}")
 
 
-def shard_name(i: int, n: int) -> str:
-    """The file name of shard ``i`` (1-based) of ``n``."""
+def shard_name(i: int, n: int, header_xxh3: str) -> str:
+    """The file name of shard ``i`` (1-based) of ``n`` whose header checksum is ``header_xxh3``: named
+    by its content, a new shard never takes the name of a different shard an older index lists."""
+    return f"model-{i:05d}-of-{n:05d}-{header_xxh3}.tall"
+
+
+def plan_name(i: int, n: int) -> str:
+    """The name shard ``i`` of ``n`` is written under before its content is known (its temporary file
+    is ``.<plan name>.<pid>-<random>.tmp``, FORMAT.md §8)."""
     return f"model-{i:05d}-of-{n:05d}.tall"
 
 
@@ -109,20 +118,14 @@ def seal_index(text: str) -> bytes:
 class IndexChecker(HeaderChecker):
     """The header checker's rules, with errors that name the index file and field."""
 
-    def fail(self, where: str, msg: str) -> FormatError:
-        return FormatError(f"{self.path}: index {where}: {msg}")
-
-    def list_(self, v: Any, where: str, max_len: int) -> list:
-        if isinstance(v, list) and len(v) > max_len:
-            raise LimitError(f"{self.path}: index {where}: {len(v)} entries, the limit is {max_len}")
-        return super().list_(v, where, max_len)
+    what = "index"
 
     def file_name(self, v: Any, where: str) -> str:
         """A plain file name inside the index's folder: no separators, not '.', '..' or the index."""
         s = self.str_(v, where)
         if (not s or s in (".", "..", INDEX_NAME) or any(c in s for c in "/\\\0")
-                or len(s.encode("utf-8", "surrogatepass")) > MAX_FILE_NAME_BYTES):
-            raise self.fail(where, f"{s!r} is not a plain file name inside the index's folder")
+                or len(s.encode("utf-8")) > MAX_FILE_NAME_BYTES):
+            raise self.fail(where, f"{s[:300]!r} is not a plain file name inside the index's folder")
         return s
 
     def threshold_list(self, v: Any, where: str, n_tasks: int, used: bool, what: str) -> tuple | None:
@@ -148,22 +151,13 @@ class IndexChecker(HeaderChecker):
                 "checksum"}
         o = self.obj(v, "", keys, since_1_1(v))
         if o["format"] != INDEX_FORMAT:
-            raise self.fail("format", f"expected {INDEX_FORMAT!r}, got {o['format']!r}")
-        ver = self.list_(o["version"], "version", 2)
-        if len(ver) != 2:
-            raise self.fail("version", "expected [major, minor]")
-        version = (self.int_(ver[0], "version[0]", 0, 65535), self.int_(ver[1], "version[1]", 0, 65535))
+            raise self.fail("format", f"expected {INDEX_FORMAT!r}, got {str(o['format'])[:80]!r}")
+        version = self.version(o["version"])
         if version[0] != INDEX_MAJOR:
             raise self.fail("version", f"major version {version[0]} is not supported (this reader reads "
                                        f"{INDEX_MAJOR})")
-        tasks = tuple(self.task(t, f"tasks[{i}]") for i, t in enumerate(self.list_(o["tasks"], "tasks", MAX_TASKS)))
-        if not tasks:
-            raise self.fail("tasks", "an archive holds at least one task")
-        if len({t.name for t in tasks}) != len(tasks):
-            raise self.fail("tasks", "duplicate task names")
         enc = self.encoding(o["encoding"])
-        if enc["mask"]["method"] == "tall" and any(t.lam is None for t in tasks):
-            raise self.fail("tasks", "TALL masks need a lambda for every task")
+        tasks = self.tasks(o["tasks"], enc)
         th = self.obj(o["thresholds"], "thresholds", {"ties", "magnitude"})
         thresholds = {
             "ties": self.threshold_list(th["ties"], "thresholds.ties", len(tasks),
@@ -172,11 +166,7 @@ class IndexChecker(HeaderChecker):
             "magnitude": self.threshold_list(th["magnitude"], "thresholds.magnitude", len(tasks),
                                              enc["mask"]["method"] == "magnitude"
                                              and enc["mask"]["scope"] == "global", "magnitude mask")}
-        meta = self.obj(o["metadata"], "metadata", set(), frozenset(o["metadata"]) if isinstance(o["metadata"], dict)
-                        else frozenset())
-        for k, s in meta.items():
-            if not isinstance(s, str):
-                raise self.fail(f"metadata.{k}", "metadata values are strings")
+        meta = self.metadata(o["metadata"])
         shards = []
         for i, s in enumerate(self.list_(o["shards"], "shards", MAX_SHARDS)):
             s = self.obj(s, f"shards[{i}]", {"file", "size", "header_xxh3"})
@@ -191,22 +181,21 @@ class IndexChecker(HeaderChecker):
         files = [s.file for s in shards]
         if len(set(files)) != len(files):
             raise self.fail("shards", "a file is listed twice")
-        wm = self.obj(o["weight_map"], "weight_map", set(), frozenset(o["weight_map"])
-                      if isinstance(o["weight_map"], dict) else frozenset())
+        wm = self.free_obj(o["weight_map"], "weight_map")
         if len(wm) > MAX_TENSORS:
             raise LimitError(f"{self.path}: index weight_map: {len(wm)} tensors, the limit is {MAX_TENSORS}")
         known, used = set(files), set()
         for name, file in wm.items():
             self.name(name, f"weight_map ({name[:80]!r})")
-            if self.str_(file, f"weight_map.{name}") not in known:
-                raise self.fail(f"weight_map.{name}", f"{file!r} is not a file listed in shards")
+            if self.str_(file, f"weight_map.{name[:80]}") not in known:
+                raise self.fail(f"weight_map.{name[:80]}", f"{file[:300]!r} is not a file listed in shards")
             used.add(file)
         idle = [f for f in files if f not in used]
         if idle and (wm or len(files) > 1):
             raise self.fail("shards", f"shard(s) {idle[:5]} hold no tensor (only an archive without tensors "
                                       f"has an empty shard, its only one)")
         files = check_files(self, o["files"], len(tasks)) if "files" in o else None
-        return ShardIndex(tasks, enc, thresholds, dict(meta), tuple(shards), dict(wm), version, files)
+        return ShardIndex(tasks, enc, thresholds, meta, tuple(shards), wm, version, files)
 
 
 def parse_index(raw: bytes, path: str = "<index>") -> ShardIndex:
@@ -219,7 +208,7 @@ def parse_index(raw: bytes, path: str = "<index>") -> ShardIndex:
                           f"digits>\"}}' (truncated, or not a tallfmt index)")
     if xxhash.xxh3_64_hexdigest(raw[:m.start()]) != m.group(1).decode():
         raise ChecksumError(f"{path}: index checksum mismatch (the file is damaged or was edited)")
-    obj, strict = load_json_object(raw, path, "index", INDEX_MINOR)
+    obj, strict = load_json_object(raw, path, "index", INDEX_MINOR, trailing_whitespace=True)
     return IndexChecker(path, strict).index(obj)
 
 

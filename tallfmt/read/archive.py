@@ -5,10 +5,11 @@
     ...     sd = zoo.decode("sst2")                            # {name: tensor} as the fine-tune had it
     ...     merged = zoo.merge("consensus", k=2, alpha=0.4)
 
-Opening validates the header (and a sharded archive's index and shard headers) and memory-maps the
-data; what only reads the header (``tasks``, ``task_info``, ``roles``, ``sizes``) never imports torch
-or numba. Decoding a task reads θ0, τ_MTL and only that task's masks, and runs the fused kernel
-(θ0 + bit ? τ : 0, rounded once to the tensor's dtype): numba on the CPU, torch on another device.
+Opening validates the header (and a sharded archive's index and shard headers); segments are read on
+demand (``pread``, or a memory map with ``mmap=True``); what only reads the header (``tasks``,
+``task_info``, ``roles``, ``sizes``) never imports torch or numba. Decoding a task reads θ0, τ_MTL and
+only that task's masks, and runs the fused kernel (θ0 + bit ? τ : 0, rounded once to the tensor's
+dtype): numba on the CPU, torch on another device.
 Decoded θ0 and τ_MTL stay in a cache of ``cache_bytes`` (default 2 GiB), so a later decode of
 another task reads only its masks. ``load_into`` writes a task into an existing model in place;
 ``switcher`` keeps a model's θ0, θ0 + τ_MTL and masks resident and switches it between tasks
@@ -32,7 +33,7 @@ from tallfmt.format.layout import open_layout
 from tallfmt.format.outputs import MAX_SHARD_SIZE, OVERWRITE, check_model_output, new_folder_removed_on_failure
 from tallfmt.read.cache import SegmentCache
 from tallfmt.read.defaults import DEFAULT_CACHE_BYTES, MAX_THREADS, check_kernel
-from tallfmt.read.files import merge_note, write_files
+from tallfmt.read.files import merge_note
 from tallfmt.read.merges import DEFAULT_MERGE, DEFAULT_PER_TASK, check_per_task, get_merge
 
 if TYPE_CHECKING:
@@ -54,13 +55,17 @@ class Archive:
     """
 
     def __init__(self, path: str | os.PathLike, *, threads: int | None = None,
-                 cache_bytes: int = DEFAULT_CACHE_BYTES, kernel: str = "auto") -> None:
+                 cache_bytes: int = DEFAULT_CACHE_BYTES, kernel: str = "auto", mmap: bool = False,
+                 max_tensor_bytes: int | None = None) -> None:
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
             raise InputError(f"threads must be a positive integer, got {threads!r}")
+        if max_tensor_bytes is not None and (isinstance(max_tensor_bytes, bool) or not isinstance(max_tensor_bytes, int)
+                                             or max_tensor_bytes < 1):
+            raise InputError(f"max_tensor_bytes must be a positive integer, got {max_tensor_bytes!r}")
         self.threads = threads or min(MAX_THREADS, os.cpu_count() or 1)
         self.kernel = check_kernel(kernel)
         self.cache = SegmentCache(cache_bytes)
-        self.layout = open_layout(path)
+        self.layout = open_layout(path, mmap=bool(mmap), max_tensor_bytes=max_tensor_bytes)
         self.path = self.layout.path  # the file, or a sharded archive's index
         self.header: Header = self.layout.header
         self.index: ShardIndex | None = self.layout.index
@@ -272,10 +277,8 @@ class Archive:
             raise InputError(f"{out}: max_shard_size applies to a folder output; this is one .safetensors file")
         sidecars = files() if kind == "folder" else {}  # checked before anything is written
         with new_folder_removed_on_failure(out):
-            written = save_state_dict(tensors, out, entries=entries, max_shard_size=max_shard_size or MAX_SHARD_SIZE,
-                                      metadata=metadata)
-            written += write_files(out, sidecars)
-        return written
+            return save_state_dict(tensors, out, entries=entries, max_shard_size=max_shard_size or MAX_SHARD_SIZE,
+                                   metadata=metadata, files=sidecars)
 
     def iter_merge(self, method: str = DEFAULT_MERGE, *, device: str | torch.device | None = None,
                    per_task: str = DEFAULT_PER_TASK, **params: Any) -> Iterator[tuple[str, torch.Tensor]]:
@@ -403,8 +406,9 @@ def _unmergeable_text(left: dict[str, str], policy: str) -> str:
 
 
 def open(path: str | os.PathLike, *, threads: int | None = None, cache_bytes: int = DEFAULT_CACHE_BYTES,
-         kernel: str = "auto") -> Archive:  # noqa: A001 - like safe_open
-    """Open a .tall archive (validates the header, memory-maps the data; tensors are read lazily).
+         kernel: str = "auto", mmap: bool = False, max_tensor_bytes: int | None = None
+         ) -> Archive:  # noqa: A001 - like safe_open
+    """Open a .tall archive (validates the header; tensors are read lazily).
 
     ``path``: a .tall file, or a sharded archive's ``tall.index.json`` or the folder holding it
     (every shard is opened and checked against the index; FORMAT.md §9).
@@ -419,9 +423,16 @@ def open(path: str | os.PathLike, *, threads: int | None = None, cache_bytes: in
     ``kernel``: ``auto`` (numba on the CPU, torch on other devices), ``numba``, or ``torch`` (the
     device-agnostic torch code CUDA runs, on every device).
 
+    ``max_tensor_bytes``: the decode memory budget — reading a segment (a tensor's θ0, τ_MTL, one
+    mask, a stored copy) that decodes to more bytes raises LimitError before anything is allocated
+    (default: a quarter of the machine's memory, at least 1 GiB; FORMAT.md §6). ``mmap=True`` maps
+    the files instead of reading segments with ``pread`` (raw segments are then zero-copy, but a file
+    truncated in place by another program while it is read can kill the process with SIGBUS).
+
         >>> with tallfmt.open("zoo.tall") as zoo:                # doctest: +SKIP
         ...     print(zoo.tasks)
         >>> with tallfmt.open("zoo/") as zoo:                    # doctest: +SKIP
         ...     zoo.verify()
     """
-    return Archive(path, threads=threads, cache_bytes=cache_bytes, kernel=kernel)
+    return Archive(path, threads=threads, cache_bytes=cache_bytes, kernel=kernel, mmap=mmap,
+                   max_tensor_bytes=max_tensor_bytes)

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from tallfmt import kernels
-from tallfmt.compute import fused, maskmath
+from tallfmt.compute import fused, maskmath, rounding
 from tallfmt.compute.tensors import to_numpy, to_torch, torch_dtype
 from tallfmt.errors import FormatError, InputError
 from tallfmt.format.codecs import BytePlaneZstdCodec, get_codec, zstd_decompress_into
@@ -117,6 +117,7 @@ class ArchiveTensors:
         byteplane-zstd: an (itemsize, n) array of planes, one job per plane; raw: a view, no job;
         any other codec: its decoded bytes, one job."""
         r = self.shard(e)
+        r.check_budget(seg)
         codec = get_codec(seg.codec)
         if isinstance(codec, BytePlaneZstdCodec) and itemsize > 1:
             stored = r.stored(seg)
@@ -181,8 +182,9 @@ class ArchiveTensors:
         """θ0 of a masked tensor: its dtype's storage, flat."""
         return flat(self.decoded_now(e, e.base, by_name(e.dtype).itemsize), e.dtype)
 
-    def theta0_f32(self, e: TensorEntry, device: torch.device) -> torch.Tensor:
-        return to_torch(self.theta0(e), by_name(e.dtype)).to(device, dtype=torch.float32)
+    def theta0_on(self, e: TensorEntry, device: torch.device) -> torch.Tensor:
+        """θ0 of a masked tensor in its own dtype, flat, on ``device``."""
+        return to_torch(self.theta0(e), by_name(e.dtype)).to(device)
 
     def tau(self, e: TensorEntry, device: torch.device | None = None) -> torch.Tensor:
         t = torch.from_numpy(_writable(flat(self.decoded_now(e, e.tau, 4), "F32")))
@@ -297,12 +299,13 @@ class ArchiveTensors:
         def fn(e: TensorEntry) -> torch.Tensor | None:
             if e.role != "masked":
                 return self.decode_entry(e, None)
-            theta0 = self.theta0_f32(e, device)
+            native = self.theta0_on(e, device)
+            theta0 = rounding.widen(native)
             tau = self.tau(e, device) if "tau" in m.needs else None
             counts = (torch.from_numpy(self.counts(e).astype(np.int32)).to(device)
                       if "counts" in m.needs else None)
             merged = m.apply(theta0=theta0, tau=tau, counts=counts, **checked)
-            return merged.to(torch_dtype(e.dtype)).reshape(e.shape).cpu()
+            return rounding.round_merged(merged, native, theta0).reshape(e.shape).cpu()
         return fn
 
     # --- masks and statistics -------------------------------------------------------------------
@@ -318,11 +321,8 @@ class ArchiveTensors:
         return total
 
     def verify(self) -> None:
-        for shard in self.layout.readers:
+        for shard in self.layout.readers:  # each segment once: checksum, codec, BOOL bytes, mask padding
             shard.verify()
-        for e in self.header.tensors:
-            for i in range(len(e.masks)):
-                self.packed(e, i)
 
 
 def _plane(r: ContainerReader, seg: Segment, frame: memoryview, out: np.ndarray, k: int) -> None:

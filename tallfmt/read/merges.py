@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import math
 import numbers
-import struct
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from tallfmt.errors import InputError, TallWarning
+from tallfmt.format.header import fits_float32
 
 
 @dataclass(frozen=True)
@@ -44,13 +44,17 @@ class Param:
                 raise InputError(f"{self.name} must be an integer{at_least}, got {value!r}")
             return int(value)
         else:
-            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
                 raise InputError(f"{self.name} must be a finite number, got {value!r}")
-            value = float(value)
             try:
-                struct.pack("<f", value)  # applied as float32 (FORMAT.md §4.4)
+                x = float(value)
             except OverflowError:
-                raise InputError(f"{self.name} must fit in float32, got {value!r}") from None
+                x = math.inf
+            if not math.isfinite(x):
+                raise InputError(f"{self.name} must be a finite number, got {str(value)[:40]}")
+            value = x
+            if not fits_float32(value):  # applied as float32 (FORMAT.md §4.4)
+                raise InputError(f"{self.name} must fit in float32 (|{self.name}| < 3.4028235678e38), got {value!r}")
         if self.minimum is not None and value < self.minimum:
             raise InputError(f"{self.name} must be >= {self.minimum}, got {value!r}")
         return value

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import math
 import numbers
-import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from tallfmt.errors import InputError
 from tallfmt.format import codecs
-from tallfmt.format.header import MASK_METHODS, MAX_NAME_BYTES, MAX_TASKS, MERGE_METHODS
+from tallfmt.format.header import MASK_METHODS, MAX_TASKS, MERGE_METHODS, fits_float32, name_refusal
+from tallfmt.format.jsonio import is_text
 
 #: Tensors stored per task (verbatim) when they differ, even if float: batch-norm statistics are not
 #: weights, and θ0 + Σ_t of their changes can be meaningless (a negative variance).
@@ -75,8 +75,12 @@ class EncodeOptions:
         if isinstance(o.chunk_size, bool) or not isinstance(o.chunk_size, int) or o.chunk_size < 8:
             raise InputError(f"chunk_size must be an integer >= 8, got {o.chunk_size!r}")
         meta = dict(o.metadata or {})
-        if not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
-            raise InputError("metadata must map strings to strings")
+        for k, v in meta.items():
+            if not isinstance(k, str) or not isinstance(v, str):
+                raise InputError("metadata must map strings to strings")
+            if not is_text(k) or not is_text(v):
+                raise InputError(f"metadata {k[:80]!r}: {'key' if not is_text(k) else 'value'} is not Unicode "
+                                 f"text (an unpaired surrogate, e.g. from bytes that are not UTF-8)")
         if isinstance(o.per_task, str) or not all(isinstance(p, str) for p in o.per_task):
             raise InputError(f"per_task must be a sequence of name patterns (strings), got {o.per_task!r}")
         if not isinstance(o.files, bool):
@@ -126,8 +130,10 @@ def check_task_names(task_names: Sequence[str]) -> tuple[str, ...]:
     if len(names) > MAX_TASKS:
         raise InputError(f"{len(names)} tasks is over the limit of {MAX_TASKS}")
     for t in names:
-        if not isinstance(t, str) or not t or len(t.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
-            raise InputError(f"task names must be non-empty strings of at most {MAX_NAME_BYTES} bytes, got {t!r}")
+        r = name_refusal(t)
+        if r is not None:
+            shown = repr(t[:80]) if isinstance(t, str) else repr(t)[:80]
+            raise InputError(f"task name {shown}: {r.message}")
     return names
 
 
@@ -143,15 +149,6 @@ def _fraction(name: str, v: Any) -> float:
     return float(v)
 
 
-def _fits_float32(v: float) -> bool:
-    # the masks use float32(λ) (FORMAT.md §4.3); a λ that rounds to inf must be refused up front, by name
-    try:
-        struct.pack("<f", v)
-    except OverflowError:
-        return False
-    return True
-
-
 def _lambdas(lambdas: Any, tasks: tuple[str, ...]) -> dict[str, float]:
     if isinstance(lambdas, Mapping):
         unknown = set(lambdas) - set(tasks)
@@ -165,7 +162,7 @@ def _lambdas(lambdas: Any, tasks: tuple[str, ...]) -> dict[str, float]:
         out = {t: lambdas for t in tasks}
     for t, v in out.items():
         if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or v <= 0 \
-                or not _fits_float32(v):
+                or not fits_float32(v):  # the masks use float32(λ), FORMAT.md §4.3
             raise InputError(f"lambda for task {t!r} must be a finite number > 0 that fits in float32, got {v!r}")
     return {t: float(v) for t, v in out.items()}
 

@@ -6,7 +6,8 @@ archive (FORMAT.md §9), written without an index.
 2. Global selections (TIES global trim, global magnitude masks) as map/reduce over shards: each shard
    returns its tensors' roles and its |τ_t| histograms in one read, which add up to the exact thresholds.
 3. Each shard is encoded by a runner (this process, or a Dask cluster) into its file.
-4. Sharded archives only: commit — shards into place, stale shards out, the index written last.
+4. Sharded archives only: commit — the new shards (named by their content) were written beside the
+   old ones; the index is replaced atomically, then the shards it no longer lists are removed.
 """
 
 from __future__ import annotations
@@ -24,10 +25,10 @@ import torch
 
 from tallfmt.compute import maskmath
 from tallfmt.errors import InputError
-from tallfmt.format.atomic import write_atomic
+from tallfmt.format.atomic import remove_stale, write_atomic, write_error
 from tallfmt.format.header import TaskEntry, version_for
+from tallfmt.format.index import INDEX_NAME, MAX_SHARDS, SHARD_RE, ShardIndex, ShardInfo, plan_name
 from tallfmt.format.outputs import OVERWRITE, new_folder_removed_on_failure
-from tallfmt.format.index import INDEX_NAME, MAX_SHARDS, SHARD_RE, ShardIndex, ShardInfo, shard_name
 from tallfmt.write import thresholds as th
 from tallfmt.write.files import collect_files
 from tallfmt.write.inputs import open_inputs, refuse_own_input
@@ -121,14 +122,10 @@ def encode(base: Any, tasks: Mapping[str, Any], path: str | os.PathLike, *, merg
     with _torch_threads(1), new_folder_removed_on_failure(out) if sharded else nullcontext():
         runner = runner_for(scheduler, retries, run)
         try:
-            return _drive(runner, base_src, task_srcs, out, opts, sharded, shards, max_shard_size, run, overwrite,
+            return _drive(runner, base_src, task_srcs, out, opts, sharded, shards, max_shard_size, overwrite,
                           progress, 1 if remote else threads, t0)
         finally:
             runner.close()
-            if sharded and out.is_dir():
-                # our temporary shards after a failure; after a success, what a killed worker left half written
-                for p in out.glob(f".*{run}*"):
-                    p.unlink(missing_ok=True)
 
 
 def _check_count(name: str, v: Any, lo: int, hi: int | None = None) -> int:
@@ -172,7 +169,7 @@ class _Meter:
 
 
 def _drive(runner: Runner, base_src: Any, task_srcs: tuple[tuple[str, Any], ...], out: Path, opts: EncodeOptions,
-           sharded: bool, shards: int | None, max_shard_size: int | None, run: str, overwrite: bool,
+           sharded: bool, shards: int | None, max_shard_size: int | None, overwrite: bool,
            progress: ProgressFn | None, threads: int, t0: float) -> EncodeReport:
     # 1. plan on the driver, from metadata only
     with open_inputs(base_src, task_srcs, dtype=opts.dtype, prefix_map=opts.prefix_map) as inputs:
@@ -204,21 +201,8 @@ def _drive(runner: Runner, base_src: Any, task_srcs: tuple[tuple[str, Any], ...]
         return EncodeReport(Path(r.path), list(opts.tasks), r.summary.roles, r.summary.role_bytes, r.summary.params,
                             input_bytes, r.size, {t.name: t.stats for t in _task_entries(opts, r.stats)},
                             time.perf_counter() - t0, r.summary, files)
-    out.mkdir(parents=True, exist_ok=True)
-    names = [shard_name(i + 1, len(jobs)) for i in range(len(jobs))]
-    tmps = [str(out / f".{n}.{run}.part") for n in names]
-    results: list[ShardResult] = runner.map(
-        "encode", encode_shard, [(j, thresholds, t, True, meter.per_tensor) for j, t in zip(jobs, tmps)],
-        meter.shard_done)
-
-    # 4. commit: no index while shards are replaced, shards into place, stale shards out, index last
-    index_path = out / INDEX_NAME
-    index_path.unlink(missing_ok=True)
-    for r, n in zip(results, names):
-        os.replace(r.path, out / n)
-    for p in out.iterdir():
-        if SHARD_RE.fullmatch(p.name) and p.name not in names:
-            p.unlink(missing_ok=True)
+    results = _write_shards(runner, jobs, thresholds, out, meter)
+    names = [Path(r.path).name for r in results]
     stats = [maskmath.TaskStats() for _ in opts.tasks]
     summary = RoleSummary({}, {}, {})
     for r in results:
@@ -231,10 +215,44 @@ def _drive(runner: Runner, base_src: Any, task_srcs: tuple[tuple[str, Any], ...]
                        tuple(ShardInfo(n, r.size, r.header_xxh3) for n, r in zip(names, results)),
                        {p.name: where[p.name] for p in plans}, version_for(files), files)
     raw = index.to_bytes()
-    write_atomic(index_path, raw)
+    write_atomic(out / INDEX_NAME, raw)  # the commit: readers now find the new archive
+    _remove_shards(out, keep=set(names))
     return EncodeReport(out, list(opts.tasks), summary.roles, summary.role_bytes, summary.params, input_bytes,
                         sum(r.size for r in results) + len(raw), {t.name: t.stats for t in task_entries},
                         time.perf_counter() - t0, summary, files)
+
+
+def _write_shards(runner: Runner, jobs: list[ShardJob], thresholds: dict[str, torch.Tensor | None], out: Path,
+                  meter: _Meter) -> list[ShardResult]:
+    """Write every shard beside the archive already in ``out`` (FORMAT.md §9.5 step 3): each under its
+    content name, which no shard of another content has, so the old index stays valid meanwhile. On a
+    failure the shards this encode added are removed again."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise write_error(out, "cannot create the archive folder", exc) from exc
+    remove_stale(out / INDEX_NAME, names=lambda n: n == INDEX_NAME or SHARD_RE.fullmatch(n) is not None)
+    before = set(_shard_files(out))
+    n = len(jobs)
+    calls = [(j, thresholds, str(out / plan_name(i + 1, n)), True, meter.per_tensor, (i + 1, n))
+             for i, j in enumerate(jobs)]
+    try:
+        return runner.map("encode", encode_shard, calls, meter.shard_done)
+    except BaseException:
+        _remove_shards(out, keep=before)
+        raise
+
+
+def _shard_files(folder: Path) -> list[str]:
+    return [p.name for p in folder.iterdir() if SHARD_RE.fullmatch(p.name)]
+
+
+def _remove_shards(folder: Path, keep: set[str]) -> None:
+    """Remove the files named like shards that are not in ``keep``: after a commit, the shards of the
+    archive replaced and of encodes killed before their commit."""
+    for name in _shard_files(folder):
+        if name not in keep:
+            (folder / name).unlink(missing_ok=True)
 
 
 def _task_entries(opts: EncodeOptions, stats: list[maskmath.TaskStats]) -> tuple[TaskEntry, ...]:

@@ -14,10 +14,12 @@ import numpy as np
 from tallfmt.compute.tensors import to_numpy
 from tallfmt.errors import InputError
 from tallfmt.format.dtypes import MASKABLE, by_name
-from tallfmt.format.header import MAX_NAME_BYTES
+from tallfmt.format.header import MAX_TENSORS, name_refusal, shape_refusal
 from tallfmt.format.planner import plan_shards
 from tallfmt.write.inputs import Inputs, flat
 
+#: A tensor name safetensors keeps for its metadata: refused at encode (FORMAT.md §2).
+RESERVED_NAME = "__metadata__"
 #: Roles a plan can hold: the four of the format, and ``common`` — same dtype and shape everywhere,
 #: not tied: masked, shared or per_task once its bytes have been compared.
 COMMON = "common"
@@ -56,12 +58,14 @@ def plan_metadata(inputs: Inputs, mismatch: str) -> list[TensorPlan]:
             if n not in seen:
                 seen.add(n)
                 names.append(n)
+    if len(names) > MAX_TENSORS:
+        raise InputError(f"{inputs.base.source}: {len(names)} tensors (in θ0 and the tasks together), over the "
+                         f"archive's limit of {MAX_TENSORS}")
     plans = []
     for n in names:
-        if not n or len(n.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
-            raise InputError(f"tensor name {n[:80]!r}… is empty or longer than {MAX_NAME_BYTES} bytes")
         base_info = inputs.base.info(n) if n in inputs.base_names else None
         task_infos = [ck.info(n) if n in names_ else None for ck, names_ in zip(inputs.cks, inputs.task_name_sets)]
+        check_tensor(n, inputs, base_info, task_infos)
         if base_info is not None and all(i == base_info for i in task_infos):
             plans.append(TensorPlan(n, COMMON, *base_info))
         else:
@@ -71,6 +75,24 @@ def plan_metadata(inputs: Inputs, mismatch: str) -> list[TensorPlan]:
     if bad and mismatch == "error":
         raise InputError(mismatch_message(inputs, bad, len(plans)))
     return plans
+
+
+def check_tensor(name: str, inputs: Inputs, base_info: tuple | None, task_infos: list[tuple | None]) -> None:
+    """Refuse, before anything is written, a tensor the archive's readers would refuse (the format's
+    own rules, :func:`tallfmt.format.header.name_refusal` and ``shape_refusal``) or that no decoded
+    safetensors file can hold (the name ``__metadata__``): InputError naming the checkpoint and tensor."""
+    holders = [(ck, info) for ck, info in zip(inputs.all, [base_info, *task_infos]) if info is not None]
+    where = f"{holders[0][0].source}: tensor {name[:80]!r}"
+    r = name_refusal(name)
+    if r is not None:
+        raise InputError(f"{where}: {r.message}")
+    if name == RESERVED_NAME:
+        raise InputError(f"{where}: {RESERVED_NAME} is reserved by safetensors (a decoded model could not hold "
+                         f"it); rename the tensor")
+    for ck, (dt, shape) in holders:
+        r = shape_refusal(shape, by_name(dt).itemsize)
+        if r is not None:
+            raise InputError(f"{ck.source}: tensor {name[:80]!r}: shape {list(shape)[:40]}: {r.message}")
 
 
 def _infos(inputs: Inputs, name: str) -> list[tuple | None]:

@@ -2,7 +2,7 @@
 this process or on a Dask worker alike. A single-file archive is the one-shard case.
 
 Everything a shard's bytes depend on is in its job: the math is element-wise float32 and the
-statistics are sequential float64 sums (FORMAT.md §4.4), so a shard is the same file on any worker.
+statistics are sequential float64 sums (FORMAT.md §4.5), so a shard is the same file on any worker.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from tallfmt.compute import maskmath
 from tallfmt.format.container import ContainerWriter
 from tallfmt.format.files import Files
 from tallfmt.format.header import Header, TaskEntry
-from tallfmt.format.index import read_header_xxh3
+from tallfmt.format.index import read_header_xxh3, shard_name
 from tallfmt.write import thresholds as th
 from tallfmt.write.inputs import Inputs, open_inputs
 from tallfmt.write.options import EncodeOptions
@@ -107,9 +107,12 @@ def shard_lo(job: ShardJob, bins: list[list[int]]) -> np.ndarray:
 
 
 def encode_shard(job: ShardJob, thresholds: dict[str, torch.Tensor | None], path: str | Path,
-                 overwrite: bool = True, progress: Progress = None) -> ShardResult:
-    """Write the shard as a complete .tall file at ``path`` (atomically). Roles not decided yet are
-    decided here (encodes without a global step read each tensor once)."""
+                 overwrite: bool = True, progress: Progress = None, number: tuple[int, int] | None = None
+                 ) -> ShardResult:
+    """Write the shard as a complete .tall file at ``path`` (atomically). With ``number`` = (i, n)
+    the file is named by its content instead, :func:`~tallfmt.format.index.shard_name` in ``path``'s
+    folder. Roles not decided yet are decided here (encodes without a global step read each tensor
+    once)."""
     opts = job.options
     with _opened(job) as inputs, ContainerWriter(path, overwrite=overwrite) as writer:
         enc = TensorEncoder(inputs, opts, thresholds)
@@ -125,7 +128,8 @@ def encode_shard(job: ShardJob, thresholds: dict[str, torch.Tensor | None], path
             if progress is not None:
                 progress(inputs.tensor_bytes(prep.plan.name))
         tasks = tuple(TaskEntry(t, opts.lambdas.get(t), enc.stats[i].result()) for i, t in enumerate(opts.tasks))
+        name = None if number is None else (lambda h: shard_name(*number, h))
         final = writer.finish(Header(tasks, opts.encoding(), tuple(entries), dict(opts.metadata),
-                                     files=job.files))
+                                     files=job.files), name)
     return ShardResult(str(final), final.stat().st_size, read_header_xxh3(final), enc.stats,
                        RoleSummary.of(entries))

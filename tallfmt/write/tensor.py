@@ -1,5 +1,5 @@
 """Encoding one tensor: verbatim items (shared, per-task), or θ0, τ_MTL and one packed mask per task
-(masked) with the per-task statistics of FORMAT.md §4.4.
+(masked) with the per-task statistics of FORMAT.md §4.5.
 
 :meth:`TensorEncoder.prepare` does all the work of a tensor — the math and the compression of its
 segments — and touches no file, so several tensors are prepared at once in threads (numba and zstd
@@ -170,7 +170,7 @@ class TensorEncoder:
                 kernels.pack_bits_into(m.to("cpu").numpy(), packed[t][s // 8:(e + 7) // 8])
             tau_out[s:e] = tau_mtl.to("cpu").numpy()
         # sequential in element order over the whole tensor (b and flats are views, no copy), so the sums
-        # do not depend on chunk_size (FORMAT.md §4.4)
+        # do not depend on chunk_size (FORMAT.md §4.5)
         theta0_st = to_numpy(b)
         stats = np.zeros((len(flats), 5))
         for t in range(len(flats)):
