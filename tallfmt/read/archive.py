@@ -287,9 +287,9 @@ class Archive:
 
         from tallfmt.read.decoding import move
 
-        policy = self._check_unmergeable(per_task)
         dev = _device(device)
-        fn = self.tensors.merge_fn(method, params, dev or torch.device("cpu"))
+        fn = self.tensors.merge_fn(method, params, dev or torch.device("cpu"))  # bad parameters fail before any warning
+        policy = self._check_unmergeable(per_task)
         if policy == "drop":
             inner = fn
             fn = lambda e: None if e.role == "per_task" else inner(e)  # noqa: E731
