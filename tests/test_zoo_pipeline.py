@@ -60,6 +60,36 @@ def test_sms_spam_recovers_the_messages_the_csv_swallowed():
     assert not any("\n" in t for t in texts)
 
 
+def test_conflicting_tasks_share_their_inputs():
+    movies, tweets = TASKS["vader_movies"].load(), TASKS["vader_tweets"].load()
+    negated = TASKS["vader_movies_negated"].load()
+    assert negated[0] == movies[0] and negated[2] == movies[2]
+    assert all(a != b for a, b in zip(movies[1], negated[1]))
+    assert TASKS["vader_movies_negated"].head_of == "vader_movies"
+    coarse, shifted = TASKS["trec_coarse"].load(), TASKS["trec_coarse_shifted"].load()
+    assert shifted[0] == coarse[0] and shifted[2] == coarse[2] and TASKS["trec_coarse_shifted"].head_of == "trec_coarse"
+    assert {(a, b) for a, b in zip(coarse[1], shifted[1])} == set(zip(coarse[2], coarse[2][1:] + coarse[2][:1]))
+    for name, polarity in (("vader_intensity", movies), ("tweet_intensity", tweets)):
+        texts, labels, classes = TASKS[name].load()
+        assert classes == ["mild", "strong"] and set(polarity[0]) <= set(texts)  # + the neutral ones
+        assert 0.2 < labels.count("strong") / len(labels) < 0.5
+    valence, arousal = TASKS["warriner_valence"].load(), TASKS["warriner_arousal"].load()
+    assert set(valence[0]) <= set(arousal[0])
+    entity = TASKS["trec_entity"].load()
+    assert all(c.startswith("ENTY:") for c in entity[2]) and len(entity[2]) == 14
+
+
+def test_shared_head_is_the_other_tasks_head_and_checks_its_classes(tmp_path):
+    head = {"weight": torch.randn(2, 384), "bias": torch.randn(2)}
+    zoo_build.save_atomic(head, tmp_path / "heads/a.safetensors", {"classes": "negative,positive"})
+    got, info = zoo_build.shared_head(tmp_path, "b", "a", ["negative", "positive"])
+    assert all(torch.equal(got[k], head[k]) for k in head) and info["shared_with"] == "a"
+    with pytest.raises(SystemExit, match="classes"):
+        zoo_build.shared_head(tmp_path, "b", "a", ["mild", "strong"])
+    with pytest.raises(SystemExit, match="build c"):
+        zoo_build.shared_head(tmp_path, "b", "c", ["negative", "positive"])
+
+
 # ------------------------------------------------------------------------------------------------ build
 
 def test_manifest(zoo):

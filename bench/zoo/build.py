@@ -43,6 +43,7 @@ from typing import Iterator
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .config import MANIFEST, ZOO_FORMAT, ZooConfig, default_zoo_dir, read_manifest, write_json_atomic
@@ -128,6 +129,18 @@ def fit_probe(x_train: torch.Tensor, y_train: np.ndarray, x_val: torch.Tensor, y
     return head, {"l2": l2, "standardised_validation_accuracy": val_acc}
 
 
+def shared_head(zoo_dir: Path, task: str, head_of: str, classes: list[str]) -> tuple[dict[str, torch.Tensor], dict]:
+    """The frozen head of ``head_of`` (built earlier into the same zoo), for a task with the same classes."""
+    path = zoo_dir / f"heads/{head_of}.safetensors"
+    if not path.is_file():
+        raise SystemExit(f"{task} uses the head of {head_of}: build {head_of} into {zoo_dir} first")
+    with safe_open(str(path), "pt") as f:
+        if (f.metadata() or {}).get("classes") != ",".join(classes):
+            raise SystemExit(f"{task}: {path} has classes {(f.metadata() or {}).get('classes')!r}, "
+                             f"the task has {classes}")
+    return load_file(str(path)), {"shared_with": head_of, "sha256": sha256_file(path)}
+
+
 # ------------------------------------------------------------------------------------------- fine-tune
 
 def finetune(model: torch.nn.Module, head: dict[str, torch.Tensor], train_ids: list[list[int]],
@@ -208,14 +221,18 @@ def build_task(task: str, cfg: ZooConfig, model: torch.nn.Module, tokenizer,
     t = time.perf_counter()
     load_encoder(model, theta0)
     feats0 = {s: features(model, batches[s], len(ids[s])) for s in SPLITS}
-    head, probe = fit_probe(feats0["train"], labels["train"], feats0["validation"], labels["validation"],
-                            len(td.classes), cfg.probe_l2_grid)
+    if TASKS[task].head_of:
+        head, probe = shared_head(zoo_dir, task, TASKS[task].head_of, td.classes)
+    else:
+        head, probe = fit_probe(feats0["train"], labels["train"], feats0["validation"], labels["validation"],
+                                len(td.classes), cfg.probe_l2_grid)
     zeroshot = {s: accuracy_of(head_logits(feats0[s], head), labels[s]) for s in ("validation", "test")}
     n_loss = min(TRAIN_LOSS_EXAMPLES, len(ids["train"]))
     loss_batches = eval_batches(ids["train"][:n_loss], cfg.eval_batch_size)
     loss_before = _train_loss(head_logits(feats0["train"][:n_loss], head), labels["train"][:n_loss])
     timing["probe_s"] = time.perf_counter() - t
-    log(f"{task}: probe l2={probe['l2']:g}; θ0+head accuracy val {zeroshot['validation']:.4f} "
+    how = f"probe l2={probe['l2']:g}" if "l2" in probe else f"head of {probe['shared_with']}"
+    log(f"{task}: {how}; θ0+head accuracy val {zeroshot['validation']:.4f} "
         f"test {zeroshot['test']:.4f}; train loss {loss_before:.4f}  ({timing['probe_s']:.1f} s)")
 
     # fine-tune all encoder parameters through the frozen head

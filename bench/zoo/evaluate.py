@@ -853,12 +853,12 @@ def render(res: dict, command: str, date: str) -> str:
     return "\n".join(L) + "\n"
 
 
-def replace_section(path: Path, section: str) -> None:
-    """Replace this report's section of ``path`` (from its heading to the next ``## `` heading), or
-    append it; the rest of the file is left as it is (re-read right before writing)."""
+def replace_section(path: Path, section: str, prefix: str = SECTION_PREFIX) -> None:
+    """Replace the section of ``path`` whose heading starts with ``prefix`` (from that heading to the next
+    ``## `` heading), or append it; the rest of the file is left as it is (re-read right before writing)."""
     text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmark results\n"
     lines = text.splitlines(keepends=True)
-    start = next((i for i, ln in enumerate(lines) if ln.startswith(SECTION_PREFIX)), None)
+    start = next((i for i, ln in enumerate(lines) if ln.startswith(prefix)), None)
     if start is None:
         new = text.rstrip("\n") + "\n\n" + section
     else:
