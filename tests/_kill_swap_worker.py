@@ -30,10 +30,11 @@ def _act(spec: dict) -> None:
 
     if spec["action"] == "decode":
         with tallfmt.open(spec["archive"]) as zoo:
-            zoo.decode_to(spec["task"], spec["target"], max_shard_size=spec.get("max_shard_size", 5 * 2**30))
+            zoo.decode_to(spec["task"], spec["target"], max_shard_size=spec.get("max_shard_size", 5 * 2**30),
+                          overwrite=True)
     else:
         base, tasks = spec["zoo"]
-        tallfmt.encode(base, tasks, spec["target"], lambdas=spec["lam"], shards=spec["shards"])
+        tallfmt.encode(base, tasks, spec["target"], lambdas=spec["lam"], shards=spec["shards"], overwrite=True)
 
 
 def _child(spec: dict, kill_at: int | None, events_file: str | None) -> None:

@@ -392,7 +392,7 @@ def test_folder_output_write_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPa
                 raise OSError(errno.EROFS, os.strerror(errno.EROFS))
             monkeypatch.setattr(atomic.os, "mkdir", mkdir)
         with pytest.raises(WriteError) as info:
-            zoo.decode_to("b", out)
+            zoo.decode_to("b", out, overwrite=True)
         monkeypatch.undo()
     assert info.value.errno == (errno.ENOSPC if fault == "disk full" else errno.EROFS)
     assert str(out) in str(info.value)
@@ -437,7 +437,7 @@ def test_sigkill_during_sharded_reencode_leaves_the_old_or_the_new_archive(tmp_p
     (work / "zoo" / f".model-00001-of-00002.tall.{dead}-0123456789ab.tmp").write_bytes(b"half")
     (work / "zoo" / f".tall.index.json.{dead}-0123456789ab.tmp").write_bytes(b"half")
     (work / "zoo" / "model-00002-of-00002-0123456789abcdef.tall").write_bytes(b"orphan")
-    tallfmt.encode(*zoo, work / "zoo", lambdas=0.3, shards=2)
+    tallfmt.encode(*zoo, work / "zoo", lambdas=0.3, shards=2, overwrite=True)
     listed = [s["file"] for s in json.loads((work / "zoo" / INDEX_NAME).read_bytes())["shards"]]
     assert sorted(p.name for p in (work / "zoo").iterdir()) == sorted([INDEX_NAME, *listed])
 
@@ -485,7 +485,7 @@ def test_readers_see_the_old_or_the_new_archive_during_reencodes(tmp_path: Path)
     folder = tmp_path / "zoo"
     digests = {}
     for lam in (0.3, 0.5):
-        tallfmt.encode(*zoo, folder, lambdas=lam, shards=3)
+        tallfmt.encode(*zoo, folder, lambdas=lam, shards=3, overwrite=True)
         with tallfmt.open(folder) as z:
             h = hashlib.sha256()
             for name, t in sorted(z.decode("a").items()):
@@ -497,7 +497,7 @@ def test_readers_see_the_old_or_the_new_archive_during_reencodes(tmp_path: Path)
                                 stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)]
     encodes = 0
     while time.time() < until - 2:
-        tallfmt.encode(*zoo, folder, lambdas=(0.3, 0.5)[encodes % 2], shards=(3, 2)[encodes % 2])
+        tallfmt.encode(*zoo, folder, lambdas=(0.3, 0.5)[encodes % 2], shards=(3, 2)[encodes % 2], overwrite=True)
         encodes += 1
     seen: dict[str, int] = {}
     for p in readers:

@@ -40,6 +40,7 @@ ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 
 DTYPES = tuple(ITEMSIZE)
 MAX_FILE = 300_000        # every file of the suite is smaller than this
 MAX_SUITE = 2_000_000     # and the whole suite smaller than this
+FUTURE = 99               # a minor version newer than any reader of this suite knows (§7)
 
 ENC_TA = {"merge": {"method": "task_arithmetic"}, "mask": {"method": "tall"},
           "compute_dtype": "F32", "bit_order": "little"}
@@ -1128,16 +1129,16 @@ def accept_cases() -> None:
     tensors = [natural("w", "F32", (3, 5), [0.4, 0.4], codec="raw"), Shared("pos", "I64", (3,), np.arange(3, dtype="<i8").tobytes()),
                PerTask("head", None, [Item("F32", (2,), f32_bytes([1, 2])), None]), Alias("tied", "w")]
     accept("newer_minor", "§7 (a newer minor adds keys; a reader ignores those it does not know)",
-           "version 1.1 (preamble and header) with unknown keys at the top level, in tasks, encoding, every kind of "
+           f"version 1.{FUTURE} (preamble and header) with unknown keys at the top level, in tasks, encoding, every kind of "
            "tensor row, a per_task item and segments", [task_json("a", 0.4), task_json("b", 0.4)], ENC_TA, tensors,
-           {"k": "v"}, minor=1, header_fn=unknown_keys)
+           {"k": "v"}, minor=FUTURE, header_fn=unknown_keys)
 
     def method_keys(h: dict) -> None:
         h["encoding"]["merge"]["x_param"] = 1
         h["encoding"]["mask"]["x_param"] = "y"
     accept("newer_minor_method_keys", "§7 (unknown keys inside encoding.merge / encoding.mask)",
-           "version 1.2 with unknown keys inside encoding.merge (task_arithmetic) and encoding.mask (tall)",
-           [task_json("a", 0.4)], ENC_TA, [natural("w", "F32", (4,), [0.4], codec="raw")], minor=2, header_fn=method_keys)
+           f"version 1.{FUTURE} with unknown keys inside encoding.merge (task_arithmetic) and encoding.mask (tall)",
+           [task_json("a", 0.4)], ENC_TA, [natural("w", "F32", (4,), [0.4], codec="raw")], minor=FUTURE, header_fn=method_keys)
 
     def deep(h: dict) -> None:
         v: Any = "leaf"
@@ -1549,11 +1550,11 @@ def refuse_cases() -> None:
             v = [v]
         return v
     refuse("nesting_17", "LimitError", "open", f"{S6}: JSON nesting deeper than 16", "header",
-           "version 1.1 with an unknown key nesting JSON to depth 17 (the header object counts as 1)",
-           base(minor=1, top_extra={"x_deep": deep(16)}).file())
-    b = base(minor=1, top_extra={"x_deep": "@@RAW@@"})
+           f"version 1.{FUTURE} with an unknown key nesting JSON to depth 17 (the header object counts as 1)",
+           base(minor=FUTURE, top_extra={"x_deep": deep(16)}).file())
+    b = base(minor=FUTURE, top_extra={"x_deep": "@@RAW@@"})
     refuse("nesting_10000", "LimitError", "open", f"{S6}: JSON nesting deeper than 16", "header",
-           "version 1.1 with an unknown key nesting 10,000 arrays (a recursive parser must not crash)",
+           f"version 1.{FUTURE} with an unknown key nesting 10,000 arrays (a recursive parser must not crash)",
            b.file(sub(b.text(), b'"@@RAW@@"', b"[" * 10_000 + b"]" * 10_000)))
 
     # --- keys and types -------------------------------------------------------------------
@@ -1652,12 +1653,12 @@ def refuse_cases() -> None:
     case("magnitude_missing_density", lambda h: h["encoding"]["mask"].pop("density"), "magnitude masks without 'density'",
          "encoding.mask.density", encoding=mag(), lambdas=(None, None))
     case("newer_minor_unknown_codec", lambda h: h["tensors"][2]["data"].__setitem__("codec", "lz4"),
-         "version 1.1 with codec 'lz4': a minor version adds optional keys, not values", "tensors[2].data.codec",
-         rule=rule + " (§7)", minor=1)
+         f"version 1.{FUTURE} with codec 'lz4': a minor version adds optional keys, not values", "tensors[2].data.codec",
+         rule=rule + " (§7)", minor=FUTURE)
     case("newer_minor_unknown_role", lambda h: h["tensors"][4].__setitem__("role", "lora"),
-         "version 1.1 with role 'lora'", "tensors[4].role", rule=rule + " (§7)", minor=1)
+         f"version 1.{FUTURE} with role 'lora'", "tensors[4].role", rule=rule + " (§7)", minor=FUTURE)
     case("newer_minor_unknown_dtype", lambda h: h["tensors"][2].__setitem__("dtype", "F4"),
-         "version 1.1 with dtype 'F4'", "tensors[2].dtype", rule=rule + " (§7)", minor=1)
+         f"version 1.{FUTURE} with dtype 'F4'", "tensors[2].dtype", rule=rule + " (§7)", minor=FUTURE)
 
     # --- version ------------------------------------------------------------------------
     rule = "bad version"
@@ -1713,9 +1714,9 @@ def refuse_cases() -> None:
             ("surrogate_reversed_pair", b'{"k":"v"}', b'{"k":"\\ude00\\ud83d"}', "a surrogate pair in the wrong order"),
             ("surrogate_alias_target", b'"target":"w"', b'"target":"w\\ud800"', "an alias target with a lone surrogate")]:
         refuse(name, "FormatError", "open", f"{S6}: {rule}", "header", desc, raw_text(old, new))
-    b = base(minor=1, top_extra={"x_future": {"note": "@@RAW@@"}})
+    b = base(minor=FUTURE, top_extra={"x_future": {"note": "@@RAW@@"}})
     refuse("surrogate_in_unknown_key", "FormatError", "open", f"{S6}: {rule} (any string of the header)", "x_future.note",
-           "version 1.1: a lone surrogate inside the value of an unknown (ignored) key",
+           f"version 1.{FUTURE}: a lone surrogate inside the value of an unknown (ignored) key",
            b.file(sub(b.text(), b'"@@RAW@@"', b'"\\ud800"')))
 
     # --- integer and number fields --------------------------------------------------------
