@@ -198,6 +198,23 @@ def test_reference_decoder_agrees_on_the_4_lane_fast_path() -> None:
     assert reference_decode(stored, n, tau) == pk.tobytes()
 
 
+def test_tau_as_byte_planes_decodes_the_same() -> None:
+    """The reader hands a byteplane-zstd τ_MTL over as its 4 planes, unmerged: same bits, every path."""
+    rng = np.random.default_rng(14)
+    for n, K in ((1000, 1), (3000, 3), (40_000, None)):
+        tau = _tau(rng, n)
+        pk = _pack(rng.random(n) < 0.2)
+        stored = encode_mask(pk, tau, lanes=K)
+        planes = np.ascontiguousarray(tau.view(np.uint8).reshape(n, 4).T)
+        out = np.empty(pk.size, np.uint8)
+        decode_mask(stored, planes, out)
+        assert np.array_equal(out, pk)
+        planes.setflags(write=False)  # as the segment cache holds them
+        assert np.array_equal(codecs.decode("tau-rans", stored, pk.size, 1, context=planes), pk)
+    with pytest.raises(InputError):
+        encode_mask(pk, planes)  # the encoder takes float32 only
+
+
 def test_deterministic() -> None:
     """Integer-only coder and model: the same bytes on every machine (the golden file pins them too)."""
     import hashlib

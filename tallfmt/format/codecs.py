@@ -18,7 +18,9 @@ command line: an entry point in the ``tallfmt.codecs`` group naming the codec ob
 **Context codecs.** A codec may declare ``context = "tau"``: it codes mask segments only, and both
 ``encode(buf, itemsize, context=tau)`` and ``decode(buf, decoded_length, itemsize, out, context=tau)``
 take τ_MTL of the same tensor (float32, n elements, as decoded) as a keyword argument, which the
-reader decodes first. A plain codec has no ``context`` attribute (or ``None``) and never gets one.
+reader decodes first (for ``decode`` τ may also be its 4 × n uint8 byte planes, how a
+``byteplane-zstd`` τ decodes, which ``tau-rans`` reads without merging them). A plain codec has no
+``context`` attribute (or ``None``) and never gets one.
 Such a codec appears in :func:`mask_choices`, not in :func:`choices`; a header that names it for any
 segment other than a mask is refused (FORMAT.md §5). ``minor`` (default 0) is the format minor version
 that introduced a codec: a file of an older minor that names it is refused, and a writer that uses it
@@ -227,9 +229,10 @@ class TauRansCodec:
                context: np.ndarray) -> Buffer:
         from tallfmt.format.maskcodec import decode_mask
 
-        if not isinstance(context, np.ndarray) or (context.size + 7) // 8 != decoded_length:
+        n = getattr(context, "shape", (0,))[-1] if getattr(context, "ndim", 1) == 2 else getattr(context, "size", -1)
+        if not isinstance(context, np.ndarray) or (n + 7) // 8 != decoded_length:
             raise InputError(f"tau-rans: the context must be τ_MTL of the mask's tensor ({decoded_length} mask "
-                             f"bytes), got {getattr(context, 'size', context)!r} elements")
+                             f"bytes), got {n!r} elements")
         o = _out(out, decoded_length)
         decode_mask(as_bytes(buf), context, o)
         return o

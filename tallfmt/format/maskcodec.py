@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 from tallfmt.errors import FormatError, InputError
 
@@ -121,12 +121,25 @@ def _bucket(t, r8):
     return np.uint8(b if a != 0 else 0)
 
 
+def _tau_at(tau, i):
+    """The bit pattern of τ_i as a u32, from τ's u32 view (1-D) or its 4 byte planes (4 × n, the
+    decoded form of a byteplane-zstd segment: no merge needed)."""
+
+
+@overload(_tau_at, inline="always")
+def _tau_at_impl(tau, i):  # noqa: ANN001, ANN202 (numba typing hook)
+    if tau.ndim == 1:
+        return lambda tau, i: tau[i]
+    return lambda tau, i: (_U32(tau[0, i]) | (_U32(tau[1, i]) << _U32(8)) | (_U32(tau[2, i]) << _U32(16))
+                           | (_U32(tau[3, i]) << _U32(24)))
+
+
 @njit(cache=True, nogil=True)
-def _qpass(tau_u32, ref, q):
-    """q[i] = magnitude bucket of tau_i (0..15) for i < len(tau_u32) (vectorises)."""
+def _qpass(tau, ref, q):
+    """q[i] = magnitude bucket of tau_i (0..15) for i < len(q) (vectorises)."""
     r8 = np.int32(ref) - np.int32(8)
-    for i in range(tau_u32.size):
-        q[i] = _bucket(tau_u32[i], r8)
+    for i in range(q.size):
+        q[i] = _bucket(_tau_at(tau, i), r8)
 
 
 @njit(cache=True, nogil=True)
@@ -236,7 +249,7 @@ def _step(P, off, q, x, w, buf, pos, lim, hist):
 
 
 @njit(cache=True, nogil=True)
-def _decode4(buf, lim, X, n, c, tau_u32, ref, words, xs):
+def _decode4(buf, lim, X, n, c, tau, ref, words, xs):
     """K == 4, lanes 0..2 full, lane 3 not empty (n > 3c). Returns (pos, bad); final states to xs.
 
     Works in super-blocks of QB steps per lane: the buckets of the 4 lanes' next QB bits go to a
@@ -266,7 +279,7 @@ def _decode4(buf, lim, X, n, c, tau_u32, ref, words, xs):
             cnt = blen if k < 3 else min(max(n3 - sb, 0), blen)
             src = k * c + sb
             for t in range(cnt):
-                qb[k * QB + t] = _bucket(tau_u32[src + t], r8)
+                qb[k * QB + t] = _bucket(_tau_at(tau, src + t), r8)
         for wi in range(sb >> 6, (sb + blen) >> 6):
             wi = _U64(wi)
             j0 = (wi << _U64(6)) - _U64(sb)
@@ -390,19 +403,23 @@ def _decode_any(buf, lim, X, n, K, c, q, words, xs):
 
 
 # --- public API ----------------------------------------------------------------------------------------
-def _tau_bits(tau: Any) -> np.ndarray:
+def _tau_bits(tau: Any, planes_ok: bool = False) -> tuple[np.ndarray, int]:
+    """(τ as the kernels read it, n): a float32 array's u32 view, flat; or, for the decoder, the 4 × n
+    uint8 byte planes of τ as a byteplane-zstd segment decodes (plane j = byte j of every element)."""
+    if planes_ok and isinstance(tau, np.ndarray) and tau.dtype == np.uint8 and tau.ndim == 2 and tau.shape[0] == 4:
+        return np.ascontiguousarray(tau), tau.shape[1]
     if not isinstance(tau, np.ndarray) or tau.dtype != np.float32:
-        raise InputError(f"tau-rans: the context must be τ_MTL as a float32 array, got {type(tau).__name__} "
-                         f"{getattr(tau, 'dtype', '')}")
-    return np.ascontiguousarray(tau).reshape(-1).view(np.uint32)
+        raise InputError(f"tau-rans: the context must be τ_MTL as a float32 array{' or its 4 byte planes' if planes_ok else ''}, "
+                         f"got {type(tau).__name__} {getattr(tau, 'dtype', '')}")
+    tu = np.ascontiguousarray(tau).reshape(-1).view(np.uint32)
+    return tu, tu.size
 
 
 def encode_mask(bits_packed: np.ndarray, tau: np.ndarray, *, lanes: int | None = None) -> bytes:
     """The stored bytes of one mask (FORMAT.md §5.1) of n = ``tau.size`` bits. ``bits_packed``: uint8,
     ⌈n/8⌉ bytes, little-endian bit order, padding bits 0; ``tau``: τ_MTL of the tensor, float32;
     ``lanes``: K (default 4 for n ≥ 16384, else 1). InputError on bad arguments."""
-    tu = _tau_bits(tau)
-    n = tu.size
+    tu, n = _tau_bits(tau)
     packed = np.ascontiguousarray(np.asarray(bits_packed)).reshape(-1)
     nbytes = (n + 7) // 8
     if packed.dtype != np.uint8 or packed.size != nbytes:
@@ -433,11 +450,11 @@ def encode_mask(bits_packed: np.ndarray, tau: np.ndarray, *, lanes: int | None =
 
 
 def decode_mask(stored: Any, tau: np.ndarray, out: np.ndarray) -> None:
-    """Decode ``stored`` into ``out`` (uint8, ⌈n/8⌉ bytes, writable, contiguous; n = ``tau.size``): the
-    packed mask with zero padding bits. FormatError for any malformed segment (``out`` may then hold
+    """Decode ``stored`` into ``out`` (uint8, ⌈n/8⌉ bytes, writable, contiguous): the packed mask with
+    zero padding bits. ``tau``: τ_MTL of the tensor, float32 (n elements) or its byte planes (uint8,
+    4 × n, as a byteplane-zstd segment decodes). FormatError for any malformed segment (``out`` may then hold
     anything); InputError for bad arguments."""
-    tu = _tau_bits(tau)
-    n = tu.size
+    tu, n = _tau_bits(tau, planes_ok=True)
     nbytes = (n + 7) // 8
     if not isinstance(out, np.ndarray) or out.dtype != np.uint8 or out.ndim != 1 or out.size != nbytes \
             or not out.flags.writeable or not out.flags.c_contiguous:

@@ -106,22 +106,14 @@ class ArchiveTensors:
         return context_of(e.masks[i].codec) == "tau"
 
     def tau_context(self, e: TensorEntry, decoded: np.ndarray | None = None) -> np.ndarray:
-        """τ_MTL of ``e`` as flat float32 elements, the context of its masks: from ``decoded`` (its
-        decoded segment, planes or bytes) or through the cache; merged planes are cached too, so the
-        masks of every task share one merge."""
-        key = (*self._key(e, e.tau), "elements")
-        hit = self.cache.get(key)
-        if hit is not None:
-            return hit
+        """τ_MTL of ``e`` as the context of its masks: its decoded segment (``decoded``, or through the
+        cache) as byte planes (4 × n uint8, which the codec reads without merging) or float32 elements."""
         arr = decoded if decoded is not None else self.decoded_now(e, e.tau, 4)
-        out = flat(arr, "F32")
-        if arr.ndim == 2:
-            self.cache.put(key, out)
-        return out
+        return arr if arr.ndim == 2 else arr.view(np.float32)
 
     def packed(self, e: TensorEntry, i: int, tau: np.ndarray | None = None) -> np.ndarray:
         """Task i's packed mask of tensor ``e``. A mask whose codec decodes from τ_MTL gets ``tau``
-        (flat float32 elements) or the tensor's τ_MTL through the cache: only τ_MTL and that task's mask
+        (:meth:`tau_context`) or the tensor's τ_MTL through the cache: only τ_MTL and that task's mask
         segment are read."""
         seg = e.masks[i]
         context = None
