@@ -197,8 +197,8 @@ class ContainerReader:
              context: np.ndarray | None = None) -> Buffer:
         """The decoded bytes of a segment (for raw segments the stored buffer itself unless ``out`` is
         given; with ``out``, a uint8 array of ``decoded_length`` bytes, they are decoded into it),
-        checksum verified first. ``context``: τ_MTL of the tensor (float32) for a mask whose codec
-        needs it (FORMAT.md §5.1). LimitError, before reading, when ``decoded_length`` is over
+        checksum verified first. ``context``: τ_MTL of the tensor (float32, or its 4 × n byte planes)
+        for a mask whose codec needs it (FORMAT.md §5.1). LimitError, before reading, when ``decoded_length`` is over
         ``max_tensor_bytes``."""
         self.check_budget(seg)
         try:
