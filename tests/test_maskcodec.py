@@ -578,3 +578,16 @@ def test_golden_masks_decode_from_the_text() -> None:
             bits = np.unpackbits(np.frombuffer(reference_decode(stored, n, tau), np.uint8), bitorder="little")[:n]
             assert np.array_equal(bits.reshape(t["shape"]), want[f"mask/{name}/{t['name']}"].numpy()), (name, t["name"])
     assert modes == {0, 1}
+
+
+def test_one_mask_reads_only_tau_and_its_own_segment(pair: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """FORMAT.md §5: task t's mask of a tensor reads that tensor's τ_MTL and masks[t], nothing else."""
+    from tallfmt.format.container import ContainerReader
+
+    read: list = []
+    real = ContainerReader.stored
+    monkeypatch.setattr(ContainerReader, "stored", lambda self, seg: read.append(seg) or real(self, seg))
+    with tallfmt.open(pair[1]) as z:
+        e = next(t for t in z.header.tensors if t.name == "w")
+        z.mask("b", "w")
+        assert read == [e.tau, e.masks[1]]
