@@ -11,7 +11,7 @@ For each case NAME it writes:
                              and "agreement" (I64, length T+1)
                              and "file/<model>/<name>" (U8: the bytes of each stored file, FORMAT.md §10;
                              <model> is "base" or a task)
-cases.json records the encode options (and, for "files", the folders' other files: each model is
+The "tau_rans" case is format 1.2 (its masks use the tau-rans codec). cases.json records the encode options (and, for "files", the folders' other files: each model is
 encoded from a folder holding its model.safetensors and those files). tests/test_golden.py checks
 that the reader decodes every .tall to the expected tensors bit for bit and that encoding the inputs
 with the recorded options reproduces the .tall byte for byte.
@@ -56,6 +56,9 @@ CASES: dict[str, dict] = {
                   "sst2": {"config.json": '{"model_type": "bert", "num_labels": 2}\n',
                            "vocab.txt": "[PAD]\n[UNK]\nthe\n" * 20, "1_Pooling/config.json": "{}\n"},
                   "mnli": {"config.json": '{"model_type": "bert", "num_labels": 3}\n', "README.md": "# mnli\n"}}},
+    # Format 1.2: masks coded with tau-rans (FORMAT.md §5.1) from τ_MTL, everything else raw, so that
+    # τ_MTL can be read by hand and the masks decoded from the text of §5.1.
+    "tau_rans": {"tasks": ["p", "q", "r"], "options": {"codec": "raw", "mask_codec": "tau-rans", "lambdas": 0.4}},
 }
 
 
@@ -67,6 +70,9 @@ def _inputs(case: str, tasks: list[str]) -> tuple[dict, dict]:
 
     if case in ("minimal", "files"):
         base = {"w": randn(4, 6)}
+    elif case == "tau_rans":  # the empty tensor and the one-element one take the raw mode
+        base = {"enc.w": randn(32, 30), "emb": randn(40, 12).bfloat16(), "b": randn(30), "one": randn(1),
+                "empty": randn(0, 4)}
     else:
         base = {"enc.w": randn(16, 12), "enc.h": randn(40).half(), "enc.b": randn(3, 5).bfloat16(),
                 "scalar": randn(), "empty": randn(0, 4), "pos": torch.arange(12), "frozen": randn(7)}
@@ -79,6 +85,8 @@ def _inputs(case: str, tasks: list[str]) -> tuple[dict, dict]:
                 sd[k] = v.clone()
             else:
                 keep = torch.from_numpy(np.asarray(g.random(tuple(v.shape)) < 0.5))
+                if case == "tau_rans" and v.dim() == 2:  # rows a task leaves alone, as embedding rows
+                    keep &= torch.from_numpy(np.asarray(g.random((v.shape[0], 1)) < 0.3))
                 delta = randn(*v.shape, scale=0.01) * keep
                 sd[k] = (v.float() + delta).to(v.dtype)
         if case == "roles":

@@ -368,6 +368,9 @@ D = DEFAULTS  # encode's defaults, defined once (tallfmt.write.options)
               help="Magnitude masks: fraction of |τ_t| kept per task.")
 @click.option("--codec", type=RegistryChoice(codecs.choices), default=D.codec, show_default=True,
               help="Segment codec (auto: byteplane-zstd for floats, zstd for masks).")
+@click.option("--mask-codec", type=RegistryChoice(codecs.mask_choices), default=D.mask_codec, show_default=True,
+              help="Codec of the masks (auto: as --codec; tau-rans: ~20% smaller masks from τ_MTL's magnitudes, "
+                   "slower to decode; FORMAT.md §5.1).")
 @click.option("--device", default=None, help="torch device for the mask math, e.g. cuda:0 (default cpu).")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="At most this many tensors encoded at once (default: one per core; threads never spin).")
@@ -393,7 +396,7 @@ D = DEFAULTS  # encode's defaults, defined once (tallfmt.write.options)
 @click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
 def encode(base: str, finetunes: tuple[str, ...], output: str, names: tuple[str, ...], merge: str,
            ties_density: float, ties_agg: str, ties_scope: str, lambdas: tuple[str, ...], mask_method: str,
-           mask_density: float, codec: str, device: str | None, threads: int | None, dtype: str | None,
+           mask_density: float, codec: str, mask_codec: str, device: str | None, threads: int | None, dtype: str | None,
            prefix_map: tuple[str, ...], mismatch: str, per_task: tuple[str, ...], metadata: tuple[str, ...],
            files: bool, shards: int | None, max_shard_size: str | None, scheduler: str | None, force: bool) -> None:
     """Encode BASE (θ0) and its fine-tunes FT ... into one .tall archive.
@@ -423,6 +426,7 @@ def encode(base: str, finetunes: tuple[str, ...], output: str, names: tuple[str,
         report = encode_archive(base, dict(zip(tasks, finetunes)), out, merge=merge, lambdas=lam,
                                 ties_density=ties_density, ties_agg=ties_agg, ties_scope=ties_scope,
                                 mask_method=mask_method, mask_density=mask_density, codec=codec,
+                                mask_codec=mask_codec,
                                 device=device, threads=threads, dtype=dtype, prefix_map=_parse_prefix_map(prefix_map),
                                 mismatch=mismatch, per_task=patterns, metadata=meta, files=files, overwrite=force,
                                 progress=update, shards=shards, max_shard_size=shard_size, scheduler=scheduler)

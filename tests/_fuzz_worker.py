@@ -48,7 +48,7 @@ KINDS = [("flip", 25), ("bytes", 5), ("truncate", 8), ("append", 5), ("preamble"
          ("text", 10), ("segdata", 12)]
 DTYPE_NAMES = ["F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL", "U16", "U32", "U64",
                "F8_E4M3", "F8_E5M2", "F128", "f32", ""]
-CODEC_NAMES = ["raw", "zstd", "byteplane-zstd", "lz4", "ZSTD", ""]
+CODEC_NAMES = ["raw", "zstd", "byteplane-zstd", "lz4", "ZSTD", "", "tau-rans"]  # tau-rans: masks only
 
 
 # ----------------------------------------------------------------------------------------------

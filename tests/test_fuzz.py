@@ -48,7 +48,7 @@ def test_corpus_covers_every_role_and_dtype_path(archives: list[Path]) -> None:
             zoo.verify()
     assert set(roles) == {"masked", "shared", "per_task", "alias"}
     assert masked_dtypes == {"F32", "F16", "BF16"}
-    assert codecs == {"raw", "zstd", "byteplane-zstd"}
+    assert codecs == {"raw", "zstd", "byteplane-zstd", "tau-rans"}  # tau-rans: spec/golden/tau_rans.tall
     assert {1, 2, 3} <= tasks
     assert all(p.stat().st_size < 20_000 for p in archives if p.is_file())
     assert sum(p.is_dir() for p in archives) == 1

@@ -379,6 +379,47 @@ def byteplane(frames: list[bytes]) -> bytes:
     return struct.pack(f"<{len(frames)}Q", *map(len, frames)) + b"".join(frames)
 
 
+def tau_rans(packed: bytes, n: int, tau: np.ndarray, *, lanes: int = 1, mode: int = 1) -> bytes:
+    """A mask in the tau-rans codec (FORMAT.md §5.1) from that section's text: MODE 0 (raw) or MODE 1
+    (rANS, K = `lanes`), R = the lower median key, the informative encoder, plain Python integers."""
+    if mode == 0:
+        return bytes([0xA1, 0]) + packed
+    assert n >= 1 and 1 <= lanes <= 16
+    bits = [(packed[i >> 3] >> (i & 7)) & 1 for i in range(n)]
+    au = [int(v) & 0x7FFFFFFF for v in np.ascontiguousarray(tau, dtype=np.float32).view(np.uint32)]
+    keys = sorted(a >> 22 for a in au if a)
+    R = keys[(len(keys) + 1) // 2 - 1] if keys else 0
+    c = 64 * -(-(-(-n // 64)) // lanes)
+    prob = [0] * n
+    for k in range(lanes):  # the forward model pass: the p each bit is coded with
+        P, T = [32768] * 160, [1] * 160
+        for j in range(c):
+            i = k * c + j
+            if i >= n:
+                break
+            a = au[i]
+            q = 0 if a == 0 else min(max((a >> 22) - R + 8, 1), 15)
+            prev = [bits[i - d] if j - d >= 0 else 0 for d in range(1, 9)]
+            m = sum(prev)
+            level = 0 if m == 0 else 1 if m <= 2 else 2 if m <= 5 else 3 if m <= 7 else 4
+            ctx = q + 16 * (5 * prev[0] + level)
+            prob[i] = P[ctx]
+            P[ctx] += ((65505 if bits[i] else 31) - P[ctx]) >> T[ctx].bit_length()
+            T[ctx] = min(T[ctx] + 1, 32)
+    x = [1 << 32] * lanes
+    emitted: list[int] = []
+    order = [k * c + j for j in range(c) for k in range(lanes) if k * c + j < n]
+    for i in reversed(order):
+        k = i // c
+        f, start = (prob[i], 0) if bits[i] else (65536 - prob[i], prob[i])
+        if x[k] >= f << 48:
+            emitted.append(x[k] & 0xFFFFFFFF)
+            x[k] >>= 32
+        x[k] = (x[k] // f << 16) + x[k] % f + start
+    return (bytes([0xA1, 1, lanes]) + R.to_bytes(2, "little") + b"".join(v.to_bytes(8, "little") for v in x)
+            + b"".join(w.to_bytes(4, "little") for w in reversed(emitted)))
+
+
 def encode(data: bytes, itemsize: int, codec: str, style: Any = "raw") -> Seg:
     """Encode decoded bytes with a codec. style: the zstd frame keyword arguments (a dict), a block
     style name, or for byteplane-zstd a list of either, one per plane (cycled)."""
@@ -525,6 +566,7 @@ class Masked:
     masks: list[np.ndarray]         # one bool array of n elements per task
     codec: str = "auto"             # for every segment, or a dict base/tau/masks -> codec
     style: Any = "raw"
+    rans: dict = field(default_factory=dict)  # tau-rans masks: {"lanes": K, "mode": 0 or 1}
     role = "masked"
 
     def __post_init__(self) -> None:
@@ -542,7 +584,13 @@ class Masked:
         return {"name": self.name, "role": "masked", "dtype": self.dtype, "shape": list(self.shape),
                 "base": encode(storage_bytes(self.dtype, self.base), isz, self._codec("base"), self.style),
                 "tau": encode(self.tau.tobytes(), 4, self._codec("tau"), self.style),
-                "masks": [encode(pack_mask(m), 1, self._codec("masks"), self.style) for m in self.masks]}
+                "masks": [self._mask_seg(m) for m in self.masks]}
+
+    def _mask_seg(self, m: np.ndarray) -> Seg:
+        packed = pack_mask(m)
+        if self._codec("masks") != "tau-rans":
+            return encode(packed, 1, self._codec("masks"), self.style)
+        return Seg(tau_rans(packed, len(m), self.tau, **self.rans), len(packed), "tau-rans")
 
     def _value(self, bits: np.ndarray) -> Value:
         return (self.dtype, self.shape, storage_bytes(self.dtype, bits))
@@ -1217,6 +1265,99 @@ def accept_cases() -> None:
     # --- 4096 tasks, the maximum ------------------------------------------------------------------
     accept("max_tasks", "§1.2 tasks (1..4096), §6", "4096 tasks (the maximum) and no tensors",
            [task_json(f"{i:04d}", 1) for i in range(4096)], ENC_TA, [], merges=["zeroshot", "consensus@2@0.5"])
+
+
+def accept_tau_rans_cases() -> None:
+    """Version 1.2: masks coded with tau-rans (FORMAT.md §5.1) from the row's τ_MTL."""
+    lams = [0.3, 0.5, 0.4]
+    tr = {"base": "raw", "tau": "raw", "masks": "tau-rans"}
+    tensors = [
+        natural("w", "F32", (16, 30), lams, codec=tr, p=0.3),                                 # K = 1
+        natural("e", "BF16", (50, 16), lams, codec={**tr, "base": "byteplane-zstd", "tau": "byteplane-zstd"}),
+        natural("h", "F16", (3, 64), lams, codec=tr),
+        natural("v", "F32", (5,), lams, codec=tr),
+        natural("one", "F32", (1,), lams, codec=tr),                                           # one bit, rANS
+        natural("z", "F32", (0, 3), lams, codec=tr),
+        Alias("w.tied", "w"),
+    ]
+    tensors[1].rans = {"lanes": 3}           # 3 lanes of 320, 320 and 160 bits
+    tensors[2].rans = {"lanes": 4}           # 192 bits in 4 lanes of 64: lane 3 empty, X_3 = 2^32
+    tensors[3].rans = tensors[5].rans = {"mode": 0}  # raw mode; n = 0 is always raw
+    tensors[0].tau[:30] = 0.0                # a row where τ_MTL = 0 (bucket q = 0) ...
+    tensors[0].tau[30:40] = -0.0             # ... and −0.0, its bits 0 as writers store them (§4.3)
+    for m in tensors[0].masks:
+        m[:40] = False
+    accept("tau_rans", "§5.1, §7 (1.2)", "masks in the tau-rans codec: 1, 3 and 4 lanes (one empty), raw mode, "
+           "n = 1 and n = 0, τ_MTL = ±0", [task_json(n, lam) for n, lam in zip(["p", "q", "r"], lams)], ENC_TA,
+           tensors, merges=["zeroshot", "consensus@2@0.5"], minor=2)
+
+
+def tau_rans_rows(stored: bytes | None = None, *, part: str = "masks") -> list[dict]:
+    """The base file's rows with tensor 'w' masks in tau-rans, and tensors[5] 'big', masked F32 [4, 64]
+    (raw θ0 and τ, tau-rans masks: MODE 1, one lane, a stream of several words); its first mask's stored
+    bytes replaced by `stored`, or (part "tau"/"base") its segment of that part named tau-rans."""
+    ts = base_tensors()
+    tr = {"base": "raw", "tau": "raw", "masks": "tau-rans"}
+    ts[0].codec = tr
+    ts.append(Masked("big", "F32", (4, 64), f32_bits(rand_f32("big.base", 256)), rand_f32("big.tau", 256, 0.1),
+                     [rand_bits("big.m0", 256, 0.5), rand_bits("big.m1", 256, 0.5)], codec=tr))
+    rows = [t.row() for t in ts]
+    big = rows[5]
+    if stored is not None:
+        big["masks"][0] = Seg(stored, big["masks"][0].decoded_length, "tau-rans")
+    if part != "masks":
+        big[part] = Seg(big["masks"][1].stored, big[part].decoded_length, "tau-rans")
+    return rows
+
+
+def refuse_tau_rans_cases() -> None:
+    rule = "§5.1 tau-rans"
+    ok = tau_rans_rows()[5]["masks"][0].stored
+    assert ok[1] == 1 and ok[2] == 1 and len(ok) >= 13 + 4 * 4, ok
+    x0 = int.from_bytes(ok[5:13], "little")
+
+    def read_case(name: str, stored: bytes, field_: str, description: str) -> None:
+        refuse(f"tau_rans_{name}", "FormatError", "read", rule, f"tensors[5].masks[0] ({field_})", description,
+               base(rows=tau_rans_rows(stored), minor=2).file())
+
+    refuse("tau_rans_in_1_1_file", "FormatError", "open", "§5, §7", "tensors[0].masks[0].codec",
+           "a tau-rans mask in a file that says it is version 1.1 (the codec is from 1.2)",
+           base(rows=tau_rans_rows(), minor=1).file())
+    for part in ("tau", "base"):
+        refuse(f"tau_rans_for_{part}", "FormatError", "open", "§5 (context codecs code masks only)",
+               f"tensors[5].{part}.codec", f"the {part} segment named tau-rans",
+               base(rows=tau_rans_rows(part=part), minor=2).file())
+    read_case("bad_magic", b"\xa2" + ok[1:], "MAGIC", "MAGIC 0xA2")
+    read_case("empty", b"", "MAGIC", "an empty segment")
+    read_case("mode_2", ok[:1] + b"\x02" + ok[2:], "MODE", "MODE 2")
+    read_case("lanes_0", ok[:2] + b"\x00" + ok[3:], "K", "K = 0 lanes")
+    read_case("lanes_17", ok[:2] + b"\x11" + ok[3:], "K", "K = 17 lanes")
+    read_case("ref_512", ok[:3] + (512).to_bytes(2, "little") + ok[5:], "R", "R = 512")
+    read_case("truncated_header", ok[:4], "header", "4 bytes: the header is cut")
+    read_case("truncated_states", ok[:12], "X_0", "the lane state is cut")
+    read_case("partial_word", ok + b"\x00\x00", "word stream", "a stream that is not whole words")
+    read_case("state_below_2_32", ok[:5] + ((1 << 32) - 1).to_bytes(8, "little") + ok[13:], "X_0",
+              "X_0 = 2^32 − 1")
+    read_case("truncated_stream", ok[:-4], "word stream", "the last word is missing")
+    read_case("trailing_word", ok + bytes(4), "word stream", "one word after the last one read")
+    read_case("too_many_words", ok[:13] + bytes(4 * 257), "word stream", "257 words for 256 bits (W > n)")
+    read_case("final_state", ok[:5] + (x0 ^ 1 << 40).to_bytes(8, "little") + ok[13:], "termination",
+              "X_0 with one bit flipped: a final state other than 2^32 (or the stream runs out)")
+    read_case("raw_length", bytes([0xA1, 0]) + pack_mask(rand_bits("big.m0", 256, 0.5)) + b"\x00", "raw mode",
+              "raw mode with one byte too many")
+    rows = tau_rans_rows()
+    packed = pack_mask(base_tensors()[0].masks[0])  # 15 bits: bit 7 of byte 1 is padding
+    rows[0]["masks"][0] = Seg(bytes([0xA1, 0]) + packed[:-1] + bytes([packed[-1] | 0x80]), 2, "tau-rans")
+    refuse("tau_rans_raw_padding", "FormatError", "read", rule, "tensors[0].masks[0] (raw mode)",
+           "raw mode with the padding bit of a 15-bit mask set", base(rows=rows, minor=2).file())
+    rows = tau_rans_rows()
+    z = Masked("z", "F32", (0,), [], [], [np.zeros(0, bool), np.zeros(0, bool)], codec="raw")
+    zrow = z.row()
+    zrow["masks"] = [Seg(bytes([0xA1, 1, 1, 0, 0]) + (1 << 32).to_bytes(8, "little"), 0, "tau-rans"),
+                     Seg(bytes([0xA1, 0]), 0, "tau-rans")]
+    rows.insert(4, zrow)
+    refuse("tau_rans_rans_mode_for_n_0", "FormatError", "read", rule, "tensors[4].masks[0] (MODE)",
+           "MODE 1 for an empty tensor (n = 0 must be raw)", base(rows=rows, minor=2).file())
 
 
 def _check_nan_propagation(t: Masked) -> None:
@@ -2338,8 +2479,10 @@ def generate() -> None:
     CASES.clear()
     _self_check_rounding()
     accept_cases()
+    accept_tau_rans_cases()
     accept_sharded_cases()
     refuse_cases()
+    refuse_tau_rans_cases()
     refuse_sharded_cases()
     ids = [c["id"] for c in CASES]
     assert len(ids) == len(set(ids))

@@ -14,6 +14,24 @@ the bytes land straight in the caller's buffer.
 
 Register your own with :func:`register_codec` (in Python: import your module before reading; for the
 command line: an entry point in the ``tallfmt.codecs`` group naming the codec object).
+
+**Context codecs.** A codec may declare ``context = "tau"``: it codes mask segments only, and both
+``encode(buf, itemsize, context=tau)`` and ``decode(buf, decoded_length, itemsize, out, context=tau)``
+take τ_MTL of the same tensor (float32, n elements, as decoded) as a keyword argument, which the
+reader decodes first (for ``decode`` τ may also be its 4 × n uint8 byte planes, how a
+``byteplane-zstd`` τ decodes, which ``tau-rans`` reads without merging them). A plain codec has no
+``context`` attribute (or ``None``) and never gets one.
+Such a codec appears in :func:`mask_choices`, not in :func:`choices`; a header that names it for any
+segment other than a mask is refused (FORMAT.md §5). ``minor`` (default 0) is the format minor version
+that introduced a codec: a file of an older minor that names it is refused, and a writer that uses it
+writes at least that minor (:func:`minor_of`).
+
+    >>> import numpy as np
+    >>> tau = np.linspace(-1, 1, 64, dtype=np.float32)
+    >>> bits = np.packbits(np.abs(tau) > 0.5, bitorder="little").tobytes()
+    >>> c = get_codec("tau-rans")
+    >>> bytes(c.decode(c.encode(bits, 1, context=tau), 8, 1, context=tau)) == bits
+    True
 """
 
 from __future__ import annotations
@@ -213,6 +231,35 @@ def zstd_decompress_into(data: Buffer, out: np.ndarray, what: str = "zstd frame"
         raise FormatError(f"{what}: decoded to {done + more}{'+' if more else ''} bytes, header says {n}")
 
 
+class TauRansCodec:
+    """A packed mask coded with adaptive binary rANS under contexts from the magnitude of τ_MTL and the
+    mask's own previous bits (FORMAT.md §5.1); τ_MTL of the tensor is the ``context``."""
+
+    codec_id = "tau-rans"
+    context = "tau"
+    minor = 2
+
+    def encode(self, buf: Buffer, itemsize: int, *, context: np.ndarray) -> bytes:
+        from tallfmt.format.maskcodec import encode_mask
+
+        return encode_mask(np.frombuffer(as_bytes(buf), dtype=np.uint8), context)
+
+    def decode(self, buf: Buffer, decoded_length: int, itemsize: int, out: np.ndarray | None = None, *,
+               context: np.ndarray) -> Buffer:
+        from tallfmt.format.maskcodec import decode_mask
+
+        n = getattr(context, "shape", (0,))[-1] if getattr(context, "ndim", 1) == 2 else getattr(context, "size", -1)
+        if not isinstance(context, np.ndarray) or (n + 7) // 8 != decoded_length:
+            raise InputError(f"tau-rans: the context must be τ_MTL of the mask's tensor ({decoded_length} mask "
+                             f"bytes), got {n!r} elements")
+        o = _out(out, decoded_length)
+        decode_mask(as_bytes(buf), context, o)
+        return o
+
+    def get_config(self) -> dict[str, Any]:
+        return {"id": self.codec_id}
+
+
 class ZstdCodec:
     """One zstd frame of the whole segment."""
 
@@ -296,6 +343,8 @@ class BytePlaneZstdCodec:
 
 
 CODECS: dict[str, Codec] = {}
+#: The ids of registered context codecs (``context`` set), kept with the registry: a header check.
+CONTEXT_CODECS: set[str] = set()
 
 
 def register_codec(codec: Codec) -> Codec:
@@ -305,11 +354,16 @@ def register_codec(codec: Codec) -> Codec:
         raise InputError(f"{codec!r} is not a codec (codec_id, encode, decode, get_config)")
     if codec.codec_id in CODECS or codec.codec_id == AUTO:
         raise InputError(f"codec id {codec.codec_id!r} is already registered")
+    ctx = getattr(codec, "context", None)
+    if ctx not in (None, "tau"):
+        raise InputError(f"codec {codec.codec_id!r}: unknown context {ctx!r} (known: 'tau')")
     CODECS[codec.codec_id] = codec
+    if ctx is not None:
+        CONTEXT_CODECS.add(codec.codec_id)
     return codec
 
 
-for _c in (RawCodec(), ZstdCodec(), BytePlaneZstdCodec()):
+for _c in (RawCodec(), ZstdCodec(), BytePlaneZstdCodec(), TauRansCodec()):
     register_codec(_c)
 
 
@@ -321,12 +375,39 @@ def get_codec(codec_id: str) -> Codec:
         raise InputError(f"unknown codec {codec_id!r}; known: {sorted(CODECS)}") from None
 
 
-def encode_parts(codec_id: str, buf: Buffer, itemsize: int) -> list[Buffer]:
+def context_of(codec_id: str) -> str | None:
+    """What a codec needs besides its stored bytes: ``"tau"`` (τ_MTL of the mask's tensor) or None."""
+    return getattr(get_codec(codec_id), "context", None)
+
+
+def minor_of(codec_id: str) -> int:
+    """The format minor version that introduced a codec (0 for those of version 1.0)."""
+    return int(getattr(get_codec(codec_id), "minor", 0))
+
+
+def encode_parts(codec_id: str, buf: Buffer, itemsize: int, context: np.ndarray | None = None) -> list[Buffer]:
     """A segment's stored bytes as a list of buffers whose concatenation is ``encode()``'s result: a
-    codec that builds its output from pieces may offer ``encode_parts`` so nobody copies them together."""
+    codec that builds its output from pieces may offer ``encode_parts`` so nobody copies them together.
+    ``context``: what a context codec needs (τ_MTL for ``tau``), ignored by the others."""
     codec = get_codec(codec_id)
+    if getattr(codec, "context", None) is not None:
+        if context is None:
+            raise InputError(f"codec {codec_id!r} needs τ_MTL as its context: it codes masks only")
+        return [codec.encode(buf, itemsize, context=context)]
     parts = getattr(codec, "encode_parts", None)
     return list(parts(buf, itemsize)) if parts is not None else [codec.encode(buf, itemsize)]
+
+
+def decode(codec_id: str, buf: Buffer, decoded_length: int, itemsize: int, out: np.ndarray | None = None,
+           context: np.ndarray | None = None) -> Buffer:
+    """Decode a segment with its codec, passing ``context`` to a context codec (InputError when it
+    needs one and none is given)."""
+    codec = get_codec(codec_id)
+    if getattr(codec, "context", None) is None:
+        return codec.decode(buf, decoded_length, itemsize, out)
+    if context is None:
+        raise InputError(f"codec {codec_id!r} decodes a mask from τ_MTL of its tensor, which was not given")
+    return codec.decode(buf, decoded_length, itemsize, out, context=context)
 
 
 def choose(codec: str, itemsize: int) -> str:
@@ -337,6 +418,17 @@ def choose(codec: str, itemsize: int) -> str:
     return "byteplane-zstd" if itemsize > 1 else "zstd"
 
 
+def choose_mask(mask_codec: str, codec: str) -> str:
+    """The codec id of mask segments: ``mask_codec`` itself, or for ``auto`` what ``codec`` picks for
+    1-byte elements (zstd under ``codec="auto"``)."""
+    return choose(codec, 1) if mask_codec == AUTO else mask_codec
+
+
 def choices() -> list[str]:
-    """What ``encode(codec=...)`` accepts: ``auto`` and every registered codec id."""
+    """What ``encode(codec=...)`` accepts: ``auto`` and every registered codec id that needs no context."""
+    return [AUTO, *(c for c in CODECS if c not in CONTEXT_CODECS)]
+
+
+def mask_choices() -> list[str]:
+    """What ``encode(mask_codec=...)`` accepts: ``auto`` (follow ``codec``) and every registered codec id."""
     return [AUTO, *CODECS]

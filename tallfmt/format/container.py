@@ -28,7 +28,7 @@ import xxhash
 from tallfmt.errors import ChecksumError, FormatError, InputError, LimitError
 from tallfmt.format import dtypes
 from tallfmt.format.atomic import AtomicFile, write_error
-from tallfmt.format.codecs import Buffer, as_bytes, get_codec
+from tallfmt.format.codecs import Buffer, as_bytes, context_of, decode, get_codec
 from tallfmt.format.header import (ALIGN, MAGIC, MAJOR, MAX_HEADER_BYTES, PREAMBLE_SIZE, Header, Segment,
                                    align, check_layout, checksum, describe, parse_header, segment_locations)
 
@@ -193,24 +193,28 @@ class ContainerReader:
             return exc
         return type(exc)(f"{self.path}: {self._locate(seg)}, codec {seg.codec}: {exc}")
 
-    def read(self, seg: Segment, itemsize: int, out: np.ndarray | None = None) -> Buffer:
+    def read(self, seg: Segment, itemsize: int, out: np.ndarray | None = None,
+             context: np.ndarray | None = None) -> Buffer:
         """The decoded bytes of a segment (for raw segments the stored buffer itself unless ``out`` is
         given; with ``out``, a uint8 array of ``decoded_length`` bytes, they are decoded into it),
-        checksum verified first. LimitError, before reading, when ``decoded_length`` is over
+        checksum verified first. ``context``: τ_MTL of the tensor (float32, or its 4 × n byte planes)
+        for a mask whose codec needs it (FORMAT.md §5.1). LimitError, before reading, when ``decoded_length`` is over
         ``max_tensor_bytes``."""
         self.check_budget(seg)
         try:
-            return get_codec(seg.codec).decode(self.stored(seg), seg.decoded_length, itemsize, out)
+            return decode(seg.codec, self.stored(seg), seg.decoded_length, itemsize, out, context)
         except FormatError as exc:
             if str(exc).startswith(self.path):
                 raise
             raise type(exc)(f"{self.path}: {self._locate(seg)}, codec {seg.codec}: {exc}") from None
 
-    def read_array(self, seg: Segment, dtype: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
+    def read_array(self, seg: Segment, dtype: str, shape: tuple[int, ...] | None = None,
+                   context: np.ndarray | None = None) -> np.ndarray:
         """A segment decoded as a numpy array of the dtype's storage type (its values checked: BOOL
-        bytes 0 or 1). Read-only only for raw segments of a mapped reader."""
+        bytes 0 or 1). Read-only only for raw segments of a mapped reader. ``context``: as for
+        :meth:`read`."""
         d = dtypes.by_name(dtype)
-        data = self.read(seg, d.itemsize)
+        data = self.read(seg, d.itemsize, context=context)
         if dtype == "BOOL":
             check_values(data, dtype, 0, lambda: f"{self.path}: {self._locate(seg)}")
         arr = np.frombuffer(data, dtype=d.storage)
@@ -220,9 +224,13 @@ class ContainerReader:
         """Read every segment once: checksum, codec, values (BOOL bytes, mask padding bits); raise the
         first FormatError found."""
         for t in self.header.tensors:
+            tau = None  # τ_MTL, decoded before the masks (parts() lists it first) for a context codec
             for seg, kind in t.parts():
-                data = self.read(seg, _ITEMSIZE.get(kind, 1))
+                context = tau if kind == "mask" and context_of(seg.codec) == "tau" else None
+                data = self.read(seg, _ITEMSIZE.get(kind, 1), context=context)
                 check_values(data, kind, t.numel, lambda: f"{self.path}: {self._locate(seg)}")
+                if seg is t.tau and any(context_of(m.codec) == "tau" for m in t.masks):
+                    tau = np.frombuffer(data, dtype=np.float32)
 
     def close(self) -> None:
         if self._mm is not None:

@@ -18,15 +18,18 @@ import xxhash
 
 from tallfmt.errors import FormatError, LimitError
 from tallfmt.format import dtypes
-from tallfmt.format.codecs import CODECS, MAX_EXPANSION, Buffer
+from tallfmt.format.codecs import CODECS, CONTEXT_CODECS, MAX_EXPANSION, Buffer, minor_of
 from tallfmt.format.files import FILES_MINOR, Files, check_files
 from tallfmt.format.jsonio import is_text, loads_strict_object
 
 MAGIC = b"\x89TALL\r\n\x1a"
 FORMAT_NAME = "tallfmt"
-#: The version this writer writes and the newest this reader knows: 1.1 stores mask bits as 0 where
-#: τ_MTL = 0 (FORMAT.md §4.3) and added ``files`` (§10).
-MAJOR, MINOR = 1, 1
+#: The newest version this reader knows: 1.1 stores mask bits as 0 where τ_MTL = 0 (FORMAT.md §4.3)
+#: and added ``files`` (§10); 1.2 added the ``tau-rans`` mask codec (§5.1). Writers write 1.1 unless
+#: a segment's codec needs more (:func:`version_of_tensors`).
+MAJOR, MINOR = 1, 2
+#: The minor version of a header that uses nothing newer than 1.1.
+BASE_MINOR = 1
 PREAMBLE_SIZE = 64
 ALIGN = 64
 
@@ -241,7 +244,7 @@ class Header:
     encoding: dict[str, Any]
     tensors: tuple[TensorEntry, ...]
     metadata: dict[str, str] = field(default_factory=dict)
-    version: tuple[int, int] = (MAJOR, MINOR)
+    version: tuple[int, int] = (MAJOR, BASE_MINOR)
     files: Files | None = None               # 1.1: the models' non-weight files (FORMAT.md §10)
 
     @property
@@ -273,6 +276,14 @@ class HeaderChecker:
     def __init__(self, path: str, strict: bool) -> None:
         self.path = path
         self.strict = strict  # unknown keys are errors unless the file's minor version is newer
+        self.minor = MINOR    # the file's minor version, once read: codecs of a newer one are refused
+        self.mask_codecs, self.plain_codecs = self.codecs_for(MINOR)
+
+    @staticmethod
+    def codecs_for(minor: int) -> tuple[frozenset[str], frozenset[str]]:
+        """The codec ids a file of this minor version may name: for masks, for every other segment."""
+        known = frozenset(c for c in CODECS if minor_of(c) <= minor)
+        return known, known - CONTEXT_CODECS
 
     def fail(self, where: str, msg: str) -> FormatError:
         return FormatError(f"{self.path}: {self.what} {where}: {msg}")
@@ -366,22 +377,30 @@ class HeaderChecker:
             raise self.refuse(where, r)
         return shape
 
-    def segment(self, v: Any, where: str, decoded_length: int, index: int | None = None) -> Segment:
-        """A SEGMENT object at ``where`` (``where[index]`` in a list) of ``decoded_length`` bytes."""
+    def segment(self, v: Any, where: str, decoded_length: int, index: int | None = None, mask: bool = False
+                ) -> Segment:
+        """A SEGMENT object at ``where`` (``where[index]`` in a list) of ``decoded_length`` bytes; a
+        context codec only for a ``mask``."""
         if type(v) is dict and (len(v) == 5 or not self.strict) and _SEGMENT_KEYS <= v.keys():
             off, ln, dl, codec, x = v["offset"], v["length"], v["decoded_length"], v["codec"], v["xxh3"]
             if (type(off) is int and type(ln) is int and type(dl) is int and type(codec) is str and type(x) is str
-                    and 0 <= off <= MAX_INT and 0 <= ln <= MAX_INT and dl == decoded_length and codec in CODECS
+                    and 0 <= off <= MAX_INT and 0 <= ln <= MAX_INT and dl == decoded_length
+                    and codec in (self.mask_codecs if mask else self.plain_codecs)
                     and len(x) == 16 and _HEX.issuperset(x) and (codec != "raw" or ln == dl)
                     and dl <= MAX_EXPANSION * ln + 4096):
                 return Segment(off, ln, dl, codec, x)  # valid: no message built
-        return self._segment(v, where if index is None else f"{where}[{index}]", decoded_length)
+        return self._segment(v, where if index is None else f"{where}[{index}]", decoded_length, mask)
 
-    def _segment(self, v: Any, where: str, decoded_length: int) -> Segment:
+    def _segment(self, v: Any, where: str, decoded_length: int, mask: bool) -> Segment:
         o = self.obj(v, where, _SEGMENT_KEYS)
         seg = Segment(self.int_(o["offset"], f"{where}.offset"), self.int_(o["length"], f"{where}.length"),
                       self.int_(o["decoded_length"], f"{where}.decoded_length"),
                       self.str_(o["codec"], f"{where}.codec", tuple(CODECS)), self.str_(o["xxh3"], f"{where}.xxh3"))
+        if seg.codec in CONTEXT_CODECS and not mask:
+            raise self.fail(f"{where}.codec", f"codec {seg.codec!r} codes masks only (its context is τ_MTL)")
+        if minor_of(seg.codec) > self.minor:
+            raise self.fail(f"{where}.codec", f"codec {seg.codec!r} is from version {MAJOR}.{minor_of(seg.codec)}; "
+                                              f"this file says {MAJOR}.{self.minor}")
         if len(seg.xxh3) != 16 or not _HEX.issuperset(seg.xxh3):
             raise self.fail(f"{where}.xxh3", "expected 16 lowercase hex digits")
         if seg.decoded_length != decoded_length:
@@ -418,7 +437,7 @@ class HeaderChecker:
             return TensorEntry(name, role, dt, shape,
                                base=self.segment(o["base"], f"{where}.base", n * isz),
                                tau=self.segment(o["tau"], f"{where}.tau", n * 4),
-                               masks=tuple(self.segment(m, at, (n + 7) // 8, i) for at in (f"{where}.masks",)
+                               masks=tuple(self.segment(m, at, (n + 7) // 8, i, True) for at in (f"{where}.masks",)
                                            for i, m in enumerate(masks)))
         if role == "shared":
             o = self.obj(o, where, {"name", "role", "dtype", "shape", "data"})
@@ -514,6 +533,8 @@ class HeaderChecker:
         if o["format"] != FORMAT_NAME:
             raise self.fail("format", f"expected {FORMAT_NAME!r}, got {str(o['format'])[:80]!r}")
         version = self.version(o["version"])
+        self.minor = version[1]
+        self.mask_codecs, self.plain_codecs = self.codecs_for(self.minor)
         enc = self.encoding(o["encoding"])
         tasks = self.tasks(o["tasks"], enc)
         raw = self.list_(o["tensors"], "tensors", MAX_TENSORS)
@@ -532,8 +553,15 @@ class HeaderChecker:
 
 def version_for(files: Files | None) -> tuple[int, int]:
     """The version a writer gives an index: 1.0, or 1.1 when it holds files (an index holds no masks,
-    so one without files is unchanged for 1.0 readers). Headers are always (MAJOR, MINOR)."""
+    so one without files is unchanged for 1.0 readers). Headers: :func:`version_of_tensors`."""
     return (MAJOR, FILES_MINOR if files is not None else 0)
+
+
+def version_of_tensors(tensors: Sequence[TensorEntry]) -> tuple[int, int]:
+    """The version a writer gives a header with these rows: 1.1, or the newest minor any segment's codec
+    needs (1.2 for ``tau-rans``), so that archives without new codecs stay readable by 1.1 readers."""
+    used = {s.codec for t in tensors for s, _ in t.parts()}
+    return (MAJOR, max([BASE_MINOR, *(minor_of(c) for c in used)]))
 
 
 def since_1_1(v: Any) -> frozenset[str]:

@@ -30,7 +30,7 @@ from tallfmt import kernels
 from tallfmt.compute import fused, maskmath, rounding
 from tallfmt.compute.tensors import to_numpy, to_torch, torch_dtype
 from tallfmt.errors import FormatError, InputError
-from tallfmt.format.codecs import BytePlaneZstdCodec, get_codec, zstd_decompress_into
+from tallfmt.format.codecs import BytePlaneZstdCodec, context_of, get_codec, zstd_decompress_into
 from tallfmt.format.container import ContainerReader
 from tallfmt.format.dtypes import by_name
 from tallfmt.format.header import Item, Segment, TensorEntry
@@ -101,8 +101,25 @@ class ArchiveTensors:
         d = by_name(item.dtype)
         return to_torch(_writable(self.array(e, item.data, item.dtype)).reshape(item.shape), d)
 
-    def packed(self, e: TensorEntry, i: int) -> np.ndarray:
-        packed = self.array(e, e.masks[i], "U8")
+    def needs_tau(self, e: TensorEntry, i: int) -> bool:
+        """Whether task i's mask of ``e`` decodes from τ_MTL (a context codec, FORMAT.md §5.1)."""
+        return context_of(e.masks[i].codec) == "tau"
+
+    def tau_context(self, e: TensorEntry, decoded: np.ndarray | None = None) -> np.ndarray:
+        """τ_MTL of ``e`` as the context of its masks: its decoded segment (``decoded``, or through the
+        cache) as byte planes (4 × n uint8, which the codec reads without merging) or float32 elements."""
+        arr = decoded if decoded is not None else self.decoded_now(e, e.tau, 4)
+        return arr if arr.ndim == 2 else arr.view(np.float32)
+
+    def packed(self, e: TensorEntry, i: int, tau: np.ndarray | None = None) -> np.ndarray:
+        """Task i's packed mask of tensor ``e``. A mask whose codec decodes from τ_MTL gets ``tau``
+        (:meth:`tau_context`) or the tensor's τ_MTL through the cache: only τ_MTL and that task's mask
+        segment are read."""
+        seg = e.masks[i]
+        context = None
+        if self.needs_tau(e, i):
+            context = tau if tau is not None else self.tau_context(e)
+        packed = self.shard(e).read_array(seg, "U8", context=context)
         if not kernels.padding_ok(packed, e.numel):
             raise FormatError(f"{self.shard(e).path}: tensor {e.name!r}, task {self.tasks[i]!r}: mask padding "
                               f"bits are not zero")
@@ -192,10 +209,16 @@ class ArchiveTensors:
         t = torch.from_numpy(_writable(flat(self.decoded_now(e, e.tau, 4), "F32")))
         return t.to(device) if device is not None else t
 
+    def all_packed(self, e: TensorEntry) -> Iterator[np.ndarray]:
+        """Every task's packed mask of ``e`` in task order, τ_MTL decoded at most once for them."""
+        tau = self.tau_context(e) if any(self.needs_tau(e, i) for i in range(len(self.tasks))) else None
+        for i in range(len(self.tasks)):
+            yield self.packed(e, i, tau)
+
     def counts(self, e: TensorEntry) -> np.ndarray:
         counts = np.zeros(e.numel, dtype=np.uint16)
-        for i in range(len(self.tasks)):
-            kernels.add_bits(counts, self.packed(e, i), e.numel)
+        for m in self.all_packed(e):
+            kernels.add_bits(counts, m, e.numel)
         return counts
 
     # --- task models ------------------------------------------------------------------------------
@@ -222,7 +245,11 @@ class ArchiveTensors:
         shape, contiguous; other tensors ignore it) and comes back on ``device``."""
         if e.role != "masked" or (e.numel < SMALL_TENSOR and out is None and not self.use_torch(device)):
             return jobs.submit(lambda: move(self.decode_entry(e, i), device))  # one job: less overhead
-        mask = jobs.submit(self.packed, e, i)
+        if self.needs_tau(e, i) and not self.use_torch(device):  # the mask waits for τ_MTL, decoded once
+            tau_f = self.decoded(e, e.tau, 4, jobs)
+            mask = jobs.after([tau_f], lambda: self.packed(e, i, self.tau_context(e, tau_f.result())))
+        else:
+            mask = jobs.submit(self.packed, e, i)
         if self.use_torch(device):
             ins = [self.on_device(e, e.base, e.dtype, device, jobs), self.on_device(e, e.tau, "F32", device, jobs), mask]
 

@@ -324,7 +324,7 @@ class Switcher:
         tau = t.decoded_now(e, e.tau, 4)
         kernels.decode_into(theta0, tau if tau.ndim == 2 else tau.view(np.float32), _ones_mask(n), theta1,
                             dtype=e.dtype, check_padding=False)
-        packed = [t.packed(e, i) for i in range(len(self.tasks))]
+        packed = list(t.all_packed(e))
         masks = np.stack(packed) if packed else np.zeros((0, (n + 7) // 8), np.uint8)
         group = _groups(packed)
         dev = row.tensors[0].device if row.tensors else torch.device("cpu")

@@ -47,6 +47,7 @@ class EncodeOptions:
     mask_density: float = 0.1               # magnitude masks: fraction of |τ_t| kept per task
     mask_scope: str = "global"              # magnitude masks: over all masked parameters or per tensor
     codec: str = codecs.AUTO                # segment codec id, or auto
+    mask_codec: str = codecs.AUTO           # mask segments' codec id (tau-rans: FORMAT.md §5.1), or auto: codec's
     device: str | None = None               # torch device of the mask math (None: cpu)
     mismatch: str = "error"                 # tensors that differ in presence/dtype/shape: error or per_task
     per_task: tuple[str, ...] = DEFAULT_PER_TASK  # float tensors named like these stay verbatim per task
@@ -72,6 +73,7 @@ class EncodeOptions:
         _choice("mask_scope", o.mask_scope, SCOPES)
         _choice("mismatch", o.mismatch, MISMATCH)
         _choice("codec", o.codec, tuple(codecs.choices()))
+        _choice("mask_codec", o.mask_codec, tuple(codecs.mask_choices()))
         if isinstance(o.chunk_size, bool) or not isinstance(o.chunk_size, int) or o.chunk_size < 8:
             raise InputError(f"chunk_size must be an integer >= 8, got {o.chunk_size!r}")
         meta = dict(o.metadata or {})

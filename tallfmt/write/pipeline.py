@@ -47,7 +47,7 @@ def encode(base: Any, tasks: Mapping[str, Any], path: str | os.PathLike, *, merg
            ties_agg: str = DEFAULTS.ties_agg, ties_scope: str = DEFAULTS.ties_scope,
            mask_method: str = DEFAULTS.mask_method, mask_density: float = DEFAULTS.mask_density,
            mask_scope: str = DEFAULTS.mask_scope, codec: str = DEFAULTS.codec,
-           device: str | torch.device | None = DEFAULTS.device, mismatch: str = DEFAULTS.mismatch,
+           mask_codec: str = DEFAULTS.mask_codec, device: str | torch.device | None = DEFAULTS.device, mismatch: str = DEFAULTS.mismatch,
            per_task: Any = DEFAULTS.per_task, metadata: Mapping[str, str] | None = DEFAULTS.metadata,
            chunk_size: int = DEFAULTS.chunk_size, dtype: str | None = DEFAULTS.dtype,
            prefix_map: Mapping[str, str] | None = DEFAULTS.prefix_map, files: bool = DEFAULTS.files,
@@ -66,7 +66,10 @@ def encode(base: Any, tasks: Mapping[str, Any], path: str | os.PathLike, *, merg
     they differ. ``dtype`` ("BF16", "F16", "F32") casts every float tensor of every input to that
     storage dtype first (the math stays float32), so a mixed-precision zoo keeps its masks;
     ``prefix_map`` renames θ0's tensors ({"": "bert."} prefixes every name, {"model.": ""} strips
-    one) to match the fine-tunes'. ``files``: store the non-weight files of folder inputs (config,
+    one) to match the fine-tunes'. ``codec``: the segments' codec ("auto": byteplane-zstd for floats,
+    zstd for masks); ``mask_codec``: the masks' ("auto": as ``codec``; "tau-rans" codes each mask
+    from τ_MTL's magnitudes and its own previous bits, about 20 % smaller than zstd on real zoos
+    but slower to decode, and makes the archive version 1.2, FORMAT.md §5.1). ``files``: store the non-weight files of folder inputs (config,
     tokenizer, model card: FORMAT.md §10), which decode_to and merge_to write back.
     ``progress(advance, total)`` is told the input bytes processed. ``threads``: at most this many
     tensors are encoded and compressed at once (default: one per core; the threads block, never spin,
@@ -89,7 +92,7 @@ def encode(base: Any, tasks: Mapping[str, Any], path: str | os.PathLike, *, merg
         raise InputError("tasks must be a non-empty mapping {task name: checkpoint}")
     opts = EncodeOptions.check(list(tasks), merge=merge, lambdas=lambdas, ties_density=ties_density,
                                ties_agg=ties_agg, ties_scope=ties_scope, mask_method=mask_method,
-                               mask_density=mask_density, mask_scope=mask_scope, codec=codec, device=device,
+                               mask_density=mask_density, mask_scope=mask_scope, codec=codec, mask_codec=mask_codec, device=device,
                                mismatch=mismatch, per_task=per_task, metadata=metadata, chunk_size=chunk_size,
                                dtype=dtype, prefix_map=prefix_map, files=files)
     sharded = shards is not None or max_shard_size is not None or scheduler is not None

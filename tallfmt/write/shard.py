@@ -21,7 +21,7 @@ import torch
 from tallfmt.compute import maskmath
 from tallfmt.format.container import ContainerWriter
 from tallfmt.format.files import Files
-from tallfmt.format.header import Header, TaskEntry
+from tallfmt.format.header import Header, TaskEntry, version_of_tensors
 from tallfmt.format.index import read_header_xxh3, shard_name
 from tallfmt.write import thresholds as th
 from tallfmt.write.inputs import Inputs, open_inputs
@@ -130,6 +130,6 @@ def encode_shard(job: ShardJob, thresholds: dict[str, torch.Tensor | None], path
         tasks = tuple(TaskEntry(t, opts.lambdas.get(t), enc.stats[i].result()) for i, t in enumerate(opts.tasks))
         name = None if number is None else (lambda h: shard_name(*number, h))
         final = writer.finish(Header(tasks, opts.encoding(), tuple(entries), dict(opts.metadata),
-                                     files=job.files), name)
+                                     version_of_tensors(entries), job.files), name)
     return ShardResult(str(final), final.stat().st_size, read_header_xxh3(final), enc.stats,
                        RoleSummary.of(entries))

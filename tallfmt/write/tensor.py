@@ -90,10 +90,11 @@ class TensorEncoder:
         finally:
             self.inputs.release(p.name)
 
-    def _store(self, out: Prepared, data: np.ndarray, itemsize: int) -> None:
-        codec = codecs.choose(self.opts.codec, itemsize)
+    def _store(self, out: Prepared, data: np.ndarray, itemsize: int, codec: str | None = None,
+               context: np.ndarray | None = None) -> None:
+        codec = codec if codec is not None else codecs.choose(self.opts.codec, itemsize)
         view = codecs.as_bytes(data)
-        out.stored.append((codecs.encode_parts(codec, view, itemsize), len(view), codec))
+        out.stored.append((codecs.encode_parts(codec, view, itemsize, context), len(view), codec))
 
     def _item(self, out: Prepared, ck: Checkpoint, name: str, check: bool = True) -> tuple[str, tuple[int, ...]]:
         dt, shape = ck.info(name)
@@ -115,8 +116,10 @@ class TensorEncoder:
         masked = self._fused if th.fused_on(self.device) else self._torch
         tau, masks, stats = masked(p, ties_thr, mag_thr)
         self._store(out, tau, 4)
+        mask_codec = codecs.choose_mask(o.mask_codec, o.codec)
+        context = tau if codecs.context_of(mask_codec) == "tau" else None  # τ_MTL exactly as stored
         for m in masks:
-            self._store(out, m, 1)
+            self._store(out, m, 1, mask_codec, context)
         out.stats = stats
 
     def _fused(self, p: TensorPlan, ties_thr: torch.Tensor | None, mag_thr: torch.Tensor | None
