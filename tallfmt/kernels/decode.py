@@ -16,8 +16,9 @@ from numba import njit, types
 from tallfmt.errors import InputError
 from tallfmt.format.dtypes import by_name
 from tallfmt.format.planes import merge_planes
-from tallfmt.kernels.core import (BITS, DECODE_DTYPES, KIND_F32, KINDS, RO_U8, U32, U64, array_type, bits_f32,
-                                  check_padding_bits, decode_elem, kernel, load_u64, no_overlap, packed_len, vector)
+from tallfmt.kernels.core import (BITS, DECODE_DTYPES, KIND_BF16, KIND_F32, KINDS, RO_U8, U32, U64, array_type,
+                                  bits_f32, check_padding_bits, decode_elem, f32_bits, f32_to_bf16, f32_to_f16, kernel,
+                                  load_u64, no_overlap, packed_len, to_f32, vector)
 
 _I64 = types.int64
 _RO_PLANES = types.Array(types.uint8, 2, "C", readonly=True, aligned=False)
@@ -211,6 +212,62 @@ def select_into(on: np.ndarray, off: np.ndarray, packed: np.ndarray, out: np.nda
     no_overlap(o, "out", ("on", x), ("off", y), ("packed mask", p))
     bits = np.uint32 if o.dtype.itemsize == 4 else np.uint16
     _select_kernel(x.view(bits), y.view(bits), p, o.view(bits), a, z)
+
+
+@kernel(*[types.void(array_type(s, True), array_type(types.float32, True), RO_U8, array_type(types.float32, True),
+                     array_type(s, False), _I64) for s in (types.uint32, types.uint16)])
+def _residual_kernel(base: np.ndarray, tau: np.ndarray, bits: np.ndarray, r: np.ndarray, out: np.ndarray,
+                     kind: int) -> None:
+    """out[j] = round(a + r[j]), a = bits[j] ? float32(float32(base[j]) + tau[j]) : float32(base[j]):
+    the decoded value of a residual entry (FORMAT.md §11), one rounding to the dtype."""
+    k = base.shape[0]
+    if tau.shape[0] != k or bits.shape[0] != k or r.shape[0] != k or out.shape[0] != k:
+        raise ValueError("residual kernel: lengths")
+    for j in range(k):
+        b = to_f32(base[j], kind)
+        m = U32(0) - U32(bits[j] & np.uint8(1))
+        a = bits_f32((f32_bits(b + tau[j]) & m) | (f32_bits(b) & ~m))
+        v = a + r[j]
+        if kind == KIND_F32:
+            out[j] = f32_bits(v)
+        elif kind == KIND_BF16:
+            out[j] = f32_to_bf16(v)
+        else:
+            out[j] = f32_to_f16(v)
+
+
+def gather(a: np.ndarray, pos: np.ndarray) -> np.ndarray:
+    """Elements ``pos`` of a flat array, or of byte planes ((itemsize, n) uint8) joined into elements
+    (uint8 rows of the result: the elements' bytes)."""
+    if a.ndim == 2:
+        return np.ascontiguousarray(a[:, pos].T).reshape(-1)
+    return a[pos]
+
+
+def residual_values(base: np.ndarray, tau: np.ndarray, packed: np.ndarray, pos: np.ndarray, vals: np.ndarray, *,
+                    dtype: str) -> np.ndarray:
+    """The decoded values (``dtype``'s storage) of the residual entries at ``pos`` (int64, inside the
+    tensor), values ``vals`` (float32): round_dtype(a + r) with a the masked decode's float32 sum (θ0 +
+    τ_MTL where the bit is set, θ0 where it is clear) — one rounding, never two (FORMAT.md §11).
+    ``base``/``tau``: storage or byte planes as :func:`decode_into` takes them. Reads only the k
+    entries, never the whole tensor.
+
+        >>> residual_values(np.zeros(3, np.float32), np.ones(3, np.float32), np.array([1], np.uint8),
+        ...                 np.array([0, 2]), np.array([0.5, 0.25], np.float32), dtype="F32").tolist()
+        [1.5, 0.25]
+    """
+    storage = _storage(dtype)
+    p = vector(np.ascontiguousarray(pos, dtype=np.int64), "pos", (np.int64,))
+    r = vector(vals, "vals", (np.float32,))
+    if r.shape[0] != p.shape[0]:
+        raise InputError(f"vals: expected {p.shape[0]} values (as pos), got {r.shape[0]}")
+    bits = BITS[dtype]
+    b = gather(base, p).view(bits)
+    t = gather(tau, p).view(np.float32)
+    bit = ((packed[p >> 3] >> (p & 7).astype(np.uint8)) & 1).astype(np.uint8)
+    out = np.empty(p.shape[0], dtype=storage)
+    _residual_kernel(np.ascontiguousarray(b), np.ascontiguousarray(t), bit, r, out.view(bits), KINDS[dtype])
+    return out
 
 
 # --- argument checks -------------------------------------------------------------------------------

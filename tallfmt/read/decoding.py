@@ -192,6 +192,12 @@ class ArchiveTensors:
         t = torch.from_numpy(_writable(flat(self.decoded_now(e, e.tau, 4), "F32")))
         return t.to(device) if device is not None else t
 
+    def residual(self, e: TensorEntry, i: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """Task i's residual on masked tensor ``e``: (positions int64, values float32), checked (FORMAT.md
+        §11), or None when it has none."""
+        r = e.residual(i)
+        return None if r is None else self.shard(e).residual(e, r)
+
     def counts(self, e: TensorEntry) -> np.ndarray:
         counts = np.zeros(e.numel, dtype=np.uint16)
         for i in range(len(self.tasks)):
@@ -199,8 +205,9 @@ class ArchiveTensors:
         return counts
 
     # --- task models ------------------------------------------------------------------------------
-    def decode_entry(self, e: TensorEntry, i: int | None) -> torch.Tensor | None:
-        """Tensor ``e`` of task i (None: θ0), or None when that checkpoint does not have it."""
+    def decode_entry(self, e: TensorEntry, i: int | None, residual: bool = True) -> torch.Tensor | None:
+        """Tensor ``e`` of task i (None: θ0), or None when that checkpoint does not have it; with the
+        task's residual unless ``residual=False``."""
         if e.role == "shared":
             return self.item_tensor(e, Item(e.dtype, e.shape, e.data))
         if e.role == "per_task":
@@ -212,38 +219,60 @@ class ArchiveTensors:
         base = planes_or_flat(self.decoded_now(e, e.base, d.itemsize), e.dtype)
         tau = planes_or_flat(self.decoded_now(e, e.tau, 4), "F32")
         out = empty(e.shape, e.dtype)
-        kernels.decode_into(base, tau, self.packed(e, i), storage_view(out), dtype=e.dtype, check_padding=False)
+        packed = self.packed(e, i)
+        o = storage_view(out)
+        kernels.decode_into(base, tau, packed, o, dtype=e.dtype, check_padding=False)
+        res = self.residual(e, i) if residual else None
+        if res is not None:
+            o[res[0]] = kernels.residual_values(base, tau, packed, *res, dtype=e.dtype)
         return out
 
     def start_decode(self, jobs: Jobs, e: TensorEntry, i: int, device: torch.device | None,
-                     out: torch.Tensor | None = None) -> Future:
+                     out: torch.Tensor | None = None, residual: bool = True) -> Future:
         """Start decoding tensor ``e`` of task ``i``; a future of the tensor (None when the task does not
         have it). A masked tensor goes straight into ``out`` when given (a CPU tensor of its dtype and
-        shape, contiguous; other tensors ignore it) and comes back on ``device``."""
+        shape, contiguous; other tensors ignore it) and comes back on ``device``. The task's residual
+        is applied unless ``residual=False``."""
         if e.role != "masked" or (e.numel < SMALL_TENSOR and out is None and not self.use_torch(device)):
-            return jobs.submit(lambda: move(self.decode_entry(e, i), device))  # one job: less overhead
+            return jobs.submit(lambda: move(self.decode_entry(e, i, residual), device))  # one job: less overhead
         mask = jobs.submit(self.packed, e, i)
+        res = jobs.submit(self.residual, e, i) if residual and e.residual(i) is not None else done(None)
         if self.use_torch(device):
-            ins = [self.on_device(e, e.base, e.dtype, device, jobs), self.on_device(e, e.tau, "F32", device, jobs), mask]
+            ins = [self.on_device(e, e.base, e.dtype, device, jobs), self.on_device(e, e.tau, "F32", device, jobs),
+                   mask, res]
 
             def run_torch() -> torch.Tensor:
-                b, t, p = (f.result() for f in ins)
-                r = fused.decode(b, t, to_torch(p, by_name("U8")).to(device)).reshape(e.shape)
+                b, t, p, rv = (f.result() for f in ins)
+                packed = to_torch(p, by_name("U8")).to(device)
+                r = fused.decode(b, t, packed)
+                if rv is not None:  # the residual entries, recomputed from θ0 and τ_MTL: one rounding
+                    pos = torch.from_numpy(rv[0]).to(device)
+                    r[pos] = fused.residual_values(b, t, packed, pos, torch.from_numpy(rv[1]).to(device))
+                r = r.reshape(e.shape)
                 return r if out is None else out.copy_(r)
             return jobs.after(ins, run_torch)
         d = by_name(e.dtype)
-        ins = [self.decoded(e, e.base, d.itemsize, jobs), self.decoded(e, e.tau, 4, jobs), mask]
+        ins = [self.decoded(e, e.base, d.itemsize, jobs), self.decoded(e, e.tau, 4, jobs), mask, res]
         return jobs.after(ins, lambda: self._kernel(jobs, e, *(f.result() for f in ins), device, out))
 
     def _kernel(self, jobs: Jobs, e: TensorEntry, base: np.ndarray, tau: np.ndarray, packed: np.ndarray,
-                device: torch.device | None, out: torch.Tensor | None) -> Future | torch.Tensor:
-        """The numba decode over ranges of the tensor (into ``out`` or a new tensor), moved to ``device``."""
+                residual: tuple[np.ndarray, np.ndarray] | None, device: torch.device | None,
+                out: torch.Tensor | None) -> Future | torch.Tensor:
+        """The numba decode over ranges of the tensor (into ``out`` or a new tensor), moved to ``device``;
+        each range then writes the residual entries inside it (their values computed once, from the
+        k entries alone: no second pass over the tensor)."""
         res = out if out is not None else empty(e.shape, e.dtype)
         o = storage_view(res)
         b, t = planes_or_flat(base, e.dtype), planes_or_flat(tau, "F32")
+        if residual is not None:
+            pos = residual[0]
+            values = kernels.residual_values(b, t, packed, *residual, dtype=e.dtype)
 
         def run(a: int, z: int) -> None:
             kernels.decode_into(b, t, packed, o, dtype=e.dtype, start=a, stop=z, check_padding=False)
+            if residual is not None:
+                lo, hi = np.searchsorted(pos, (a, z))
+                o[pos[lo:hi]] = values[lo:hi]
         fut = jobs.ranges(e.numel, KERNEL_STEP, run, res)
         if device is None or out is not None:
             return fut
