@@ -294,6 +294,13 @@ def _check_task_names(tasks: list[str], finetunes: tuple[str, ...]) -> None:
 
 
 def _parse_lambdas(values: tuple[str, ...], tasks: list[str]) -> float | dict[str, float]:
+    return _parse_per_task(values, tasks, DEFAULTS.lambdas, "--lambda", "0.4", "sst2=0.3")
+
+
+def _parse_per_task(values: tuple[str, ...], tasks: list[str], fallback: Any, hint: str, one: str = "0.5",
+                    named: str = "sst2=2") -> Any:
+    """Repeated X / TASK=X options: one plain number for every task (default ``fallback``) and/or
+    task=number; the plain value, or {task: value} when some task is named."""
     default: float | None = None
     per_task: dict[str, float] = {}
     for v in values:
@@ -301,22 +308,21 @@ def _parse_lambdas(values: tuple[str, ...], tasks: list[str]) -> float | dict[st
         try:
             x = float(num)
         except ValueError:
-            raise click.BadParameter(f"{v!r}: expected a number (0.4) or task=number (sst2=0.3)",
-                                     param_hint="--lambda") from None
+            raise click.BadParameter(f"{v!r}: expected a number ({one}) or task=number ({named})",
+                                     param_hint=hint) from None
         if not sep:
             if default is not None:
-                raise click.BadParameter("give one plain number at most; name tasks as task=0.3",
-                                         param_hint="--lambda")
+                raise click.BadParameter("give one plain number at most; name tasks as task=number", param_hint=hint)
             default = x
         elif key not in tasks:
-            raise click.BadParameter(f"no task {key!r}; tasks are {', '.join(tasks)}", param_hint="--lambda")
+            raise click.BadParameter(f"no task {key!r}; tasks are {', '.join(tasks)}", param_hint=hint)
         else:
             per_task[key] = x
     if default is None:
-        default = DEFAULTS.lambdas
+        default = fallback
     if not per_task:
         return default
-    return {t: per_task.get(t, default) for t in tasks}
+    return {t: per_task.get(t, default if default is not None else 0.0) for t in tasks}
 
 
 def _parse_metadata(values: tuple[str, ...]) -> dict[str, str]:
@@ -385,6 +391,9 @@ D = DEFAULTS  # encode's defaults, defined once (tallfmt.write.options)
 @click.option("--metadata", "metadata", multiple=True, metavar="KEY=VALUE", help="Free metadata, repeatable.")
 @click.option("--files/--no-files", "files", default=D.files, show_default=True,
               help="Store the folders' non-weight files (config.json, tokenizer, model card) for decode/merge.")
+@click.option("--residual", "residual", multiple=True, metavar="BITS | TASK=BITS",
+              help=f"A per-task sparse residual of this many bits per masked parameter (default: "
+                   f"{D.residual or 'none'}): one number for every task and/or task=number, repeatable.")
 @click.option("--shards", type=click.IntRange(min=1), default=None,
               help="Write a sharded archive: OUTPUT becomes a folder of N shard files + tall.index.json.")
 @click.option("--max-shard-size", default=None, help="Sharded archive: shards of at most this size, e.g. 2GB.")
@@ -395,7 +404,8 @@ def encode(base: str, finetunes: tuple[str, ...], output: str, names: tuple[str,
            ties_density: float, ties_agg: str, ties_scope: str, lambdas: tuple[str, ...], mask_method: str,
            mask_density: float, codec: str, device: str | None, threads: int | None, dtype: str | None,
            prefix_map: tuple[str, ...], mismatch: str, per_task: tuple[str, ...], metadata: tuple[str, ...],
-           files: bool, shards: int | None, max_shard_size: str | None, scheduler: str | None, force: bool) -> None:
+           files: bool, residual: tuple[str, ...], shards: int | None, max_shard_size: str | None,
+           scheduler: str | None, force: bool) -> None:
     """Encode BASE (θ0) and its fine-tunes FT ... into one .tall archive.
 
     Each of BASE and FT is a .safetensors file, a folder with model.safetensors or a sharded
@@ -414,6 +424,7 @@ def encode(base: str, finetunes: tuple[str, ...], output: str, names: tuple[str,
     _check_task_names(tasks, finetunes)
     out = Path(output)
     lam = _parse_lambdas(lambdas, tasks)
+    budgets = _parse_per_task(residual, tasks, D.residual, "--residual")
     meta = _parse_metadata(metadata)
     shard_size = parse_size(max_shard_size) if max_shard_size is not None else None
     from tallfmt.write.pipeline import encode as encode_archive
@@ -425,7 +436,8 @@ def encode(base: str, finetunes: tuple[str, ...], output: str, names: tuple[str,
                                 mask_method=mask_method, mask_density=mask_density, codec=codec,
                                 device=device, threads=threads, dtype=dtype, prefix_map=_parse_prefix_map(prefix_map),
                                 mismatch=mismatch, per_task=patterns, metadata=meta, files=files, overwrite=force,
-                                progress=update, shards=shards, max_shard_size=shard_size, scheduler=scheduler)
+                                progress=update, shards=shards, max_shard_size=shard_size, scheduler=scheduler,
+                                residual=budgets)
     roles = ", ".join(f"{n} {r}" for r, n in report.roles.items())
     _say(f"{report.path}: {plural(len(report.tasks), 'task')} ({', '.join(report.tasks)}), {roles} tensors")
     if report.files is not None:

@@ -369,3 +369,39 @@ def test_a_1_1_reader_refuses_an_archive_with_residuals(residual_file: Path) -> 
         hdr = parse_header(json.dumps(without_residuals(json.loads(raw))).encode())
         size = residual_file.stat().st_size
         check_layout(hdr, size, size - len(raw), str(residual_file))
+
+
+def test_cli_residual_option_and_info(tmp_path: Path) -> None:
+    """--residual (one number and task=number) reaches encode; info shows each task's entries, bytes and
+    both errors, header-only."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import save_file
+
+    rng = np.random.default_rng(9)
+    base, tasks = make_zoo(rng, {"w": ((500,), "F32")}, 2)
+    save_file(base, str(tmp_path / "base.safetensors"))
+    for t, sd in tasks.items():
+        save_file(sd, str(tmp_path / f"{t}.safetensors"))
+    from click.testing import CliRunner
+
+    from tallfmt.cli import cli
+    r = CliRunner().invoke(cli, ["encode", str(tmp_path / "base.safetensors"), str(tmp_path / "t0.safetensors"),
+                                 str(tmp_path / "t1.safetensors"), "-o", str(tmp_path / "z.tall"),
+                                 "--residual", "1", "--residual", "t1=4"])
+    assert r.exit_code == 0, r.output
+    with tallfmt.open(tmp_path / "z.tall") as zoo:
+        assert [zoo.residual_info(t)["entries"] for t in zoo.tasks] == [500 // 16, 4 * 500 // 16]
+    code = ("import sys, json, tallfmt.cli\n"
+            "from click.testing import CliRunner\n"
+            "r = CliRunner().invoke(tallfmt.cli.cli, ['info', '--json', sys.argv[1]])\n"
+            "assert 'torch' not in sys.modules and 'numba' not in sys.modules, 'info imported torch'\n"
+            "print(r.output)\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "z.tall")], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    s = json.loads(proc.stdout)
+    t1 = s["tasks"][1]
+    assert t1["residual_entries"] == 4 * 500 // 16 and t1["residual_bytes"] > 0
+    assert t1["rel_error"] < t1["rel_error_mask"] and s["bytes"]["residuals"] > 0 and s["format_version"] == [1, 2]

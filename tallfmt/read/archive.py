@@ -142,13 +142,14 @@ class Archive:
         return self._entries[e.target] if e.role == "alias" else e
 
     def sizes(self) -> dict[str, int]:
-        """Stored bytes per part: theta0, tau, masks, shared, per_task, header, padding and total."""
-        parts = dict.fromkeys(("theta0", "tau", "masks", "shared", "per_task"), 0)
+        """Stored bytes per part: theta0, tau, masks, residuals, shared, per_task, header, padding and total."""
+        parts = dict.fromkeys(("theta0", "tau", "masks", "residuals", "shared", "per_task"), 0)
         for e in self.header.tensors:
             if e.role == "masked":
                 parts["theta0"] += e.base.length
                 parts["tau"] += e.tau.length
                 parts["masks"] += sum(m.length for m in e.masks)
+                parts["residuals"] += sum(r.positions.length + r.values.length for r in e.residuals if r is not None)
             elif e.role in ("shared", "per_task"):
                 parts[e.role] += sum(s.length for s in e.segments())
         # a sharded archive: every shard's preamble and header, and the index, count as "header"
