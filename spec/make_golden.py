@@ -56,6 +56,8 @@ CASES: dict[str, dict] = {
                   "sst2": {"config.json": '{"model_type": "bert", "num_labels": 2}\n',
                            "vocab.txt": "[PAD]\n[UNK]\nthe\n" * 20, "1_Pooling/config.json": "{}\n"},
                   "mnli": {"config.json": '{"model_type": "bert", "num_labels": 3}\n', "README.md": "# mnli\n"}}},
+    # Format 1.2: per-task residuals (FORMAT.md §11) for two of three tasks, the third without, raw segments.
+    "residual": {"tasks": ["a", "b", "c"], "options": {"residual": {"a": 8.0, "b": 2.0}, "codec": "raw"}},
 }
 
 

@@ -64,9 +64,11 @@ def test_golden_headers_match_schema(case: str) -> None:
 
 
 def test_golden_files_are_version_1_1_and_hold_their_files() -> None:
+    """Version 1.1, except the residual case: 1.2 (FORMAT.md §7, §11)."""
     for case in CASES:
         with ContainerReader(GOLDEN / f"{case}.tall") as r:
-            assert r.header.version == (1, 1), case
+            assert r.header.version == ((1, 2) if "residual" in CASES[case]["options"] else (1, 1)), case
+            assert any(e.residuals for e in r.header.tensors) == ("residual" in CASES[case]["options"]), case
             assert (r.header.files is not None) == ("folders" in CASES[case]), case
     want = load_file(str(GOLDEN / "files.expected.safetensors"))
     for model, files in CASES["files"]["folders"].items():
