@@ -405,3 +405,56 @@ def test_cli_residual_option_and_info(tmp_path: Path) -> None:
     t1 = s["tasks"][1]
     assert t1["residual_entries"] == 4 * 500 // 16 and t1["residual_bytes"] > 0
     assert t1["rel_error"] < t1["rel_error_mask"] and s["bytes"]["residuals"] > 0 and s["format_version"] == [1, 2]
+
+
+# --- choosing λ and the budget on validation ----------------------------------------------------
+def test_select_residuals_under_a_size_limit(tmp_path: Path) -> None:
+    """A synthetic validation score (minus the distance to the fine-tune): the choice fits the limit,
+    is the best sum of scores among all combinations whose estimated cost fits, uses the largest budget
+    when the limit is loose, and only one decoded model is alive at a time."""
+    import itertools
+    import weakref
+
+    rng = np.random.default_rng(10)
+    base, tasks = make_zoo(rng, {"w": ((3000,), "F32"), "x": ((500,), "BF16")}, 2, scale=0.02)
+    alive: list[weakref.ref] = []
+
+    def evaluate(task: str, sd: dict) -> float:
+        assert all(r() is None for r in alive), "an earlier decoded model is still held"
+        alive.append(weakref.ref(sd["w"]))
+        return -sum(float((sd[k].double() - tasks[task][k].double()).norm()) for k in ("w", "x"))
+
+    grid = dict(lambda_grid=(0.3, 0.5), budget_grid=(0.0, 0.5, 2.0))
+    loose = tallfmt.select_residuals(base, tasks, evaluate, max_ratio=5.0, path=tmp_path / "loose.tall", **grid)
+    assert loose.residual == {"t0": 2.0, "t1": 2.0}
+    assert loose.archive_bytes == (tmp_path / "loose.tall").stat().st_size <= loose.limit_bytes
+    with tallfmt.open(tmp_path / "loose.tall") as zoo:
+        from tallfmt.summary import summary
+
+        assert summary(zoo)["paper_formula"]["bytes"] == loose.paper_bytes
+        assert loose.ratio == pytest.approx(zoo.sizes()["total"] / loose.paper_bytes)
+    # a limit between the cheapest and the dearest choice
+    plain = tallfmt.encode(base, tasks, tmp_path / "plain.tall", lambdas=0.3).archive_bytes
+    ratio = (plain + 0.5 * (loose.archive_bytes - plain)) / loose.paper_bytes
+    alive.clear()
+    tight = tallfmt.select_residuals(base, tasks, evaluate, max_ratio=ratio, workdir=tmp_path, **grid)
+    assert tight.archive_bytes <= tight.limit_bytes == math.floor(ratio * tight.paper_bytes)
+    assert tight.residual != loose.residual
+    chosen = sum(tight.scores[t][(tight.lambdas[t], tight.residual[t])] for t in tasks)
+    # every combination of the grid that scores better does not fit by the costs the knapsack counts
+    # (each rounded up to a bucket of the room), and those costs are close to what encode then stores
+    slack = len(tasks) * (tight.limit_bytes - tight.fixed_bytes) / 4096
+    better = 0
+    for combo in itertools.product(*[list(tight.scores[t]) for t in tasks]):
+        total = sum(tight.scores[t][k] for t, k in zip(tasks, combo))
+        cost = tight.fixed_bytes + sum(tight.costs[t][k] for t, k in zip(tasks, combo))
+        if total > chosen + 1e-12:
+            better += 1
+            assert cost > tight.limit_bytes - slack, combo
+    assert better > 0  # the limit bound the choice
+    est = tight.fixed_bytes + sum(tight.costs[t][(tight.lambdas[t], tight.residual[t])] for t in tasks)
+    assert abs(tight.archive_bytes - est) <= 512  # header numbers and nulls differ a little
+    with pytest.raises(InputError, match="max_ratio"):
+        tallfmt.select_residuals(base, tasks, evaluate, max_ratio=0.01, **grid)
+    with pytest.raises(InputError, match="residual"):
+        tallfmt.select_residuals(base, tasks, evaluate, max_ratio=1.0, residual=1.0)
