@@ -51,18 +51,23 @@ def gaps_to_positions(data: np.ndarray, count: int, numel: int, what: Callable[[
     raw = np.frombuffer(data, dtype=np.uint8)
     if raw.shape[0] != count * s:
         raise FormatError(f"{what()}: {raw.shape[0]} bytes of positions for {count} entries of {s} bytes")
-    g = raw.view("<u4" if s == 4 else "<u8").astype(np.uint64)
-    if count and int(g.max()) >= numel:
-        j = int(np.argmax(g >= np.uint64(numel)))
+    g = raw.view("<u4" if s == 4 else "<u8")
+    if count == 0:
+        return np.zeros(0, np.int64)
+    if int(g.max()) >= numel:
+        j = int(np.argmax(g >= numel))
         raise FormatError(f"{what()}: position gap {j} is {int(g[j])}, out of range for a tensor of {numel} elements")
-    pos = np.cumsum(g + np.uint64(1), dtype=np.uint64) - np.uint64(1)  # each step < 2**49: a wrap shows as a fall
-    if count > 1 and not bool((pos[1:] > pos[:-1]).all()):
-        j = int(np.argmax(pos[1:] <= pos[:-1])) + 1
-        raise FormatError(f"{what()}: positions are not strictly increasing at entry {j}")
-    if count and int(pos[-1]) >= numel:
+    # p_j = Σ_{i ≤ j} (gap_i + 1) − 1: strictly increasing by construction; every gap < n ≤ 2**48, so a
+    # last position past twice n shows in a float64 sum before any int64 one could wrap
+    if float(np.sum(g, dtype=np.float64)) + count > 2.0 * numel + 1:
+        raise FormatError(f"{what()}: the positions run past the end of a tensor of {numel} elements")
+    pos = np.add(g, 1, dtype=np.int64)
+    np.cumsum(pos, out=pos)
+    pos -= 1
+    if int(pos[-1]) >= numel:
         raise FormatError(f"{what()}: position {int(pos[-1])} (entry {count - 1}) is out of range for a tensor of "
                           f"{numel} elements")
-    return pos.astype(np.int64)
+    return pos
 
 
 def values_to_f32(data: np.ndarray, count: int, dtype: str, what: Callable[[], str]) -> np.ndarray:
@@ -71,11 +76,14 @@ def values_to_f32(data: np.ndarray, count: int, dtype: str, what: Callable[[], s
     raw = np.frombuffer(data, dtype=np.uint8)
     if raw.shape[0] != count * d.itemsize:
         raise FormatError(f"{what()}: {raw.shape[0]} bytes of values for {count} entries of {dtype}")
+    bits = raw.view(_BITS[dtype])
+    exp = _EXP[dtype]
+    if ((bits & exp) == exp).any():  # all exponent bits set: NaN or ±Inf
+        raise FormatError(f"{what()}: value {int(np.argmax((bits & exp) == exp))} is not finite (NaN or Inf)")
     if dtype == "BF16":
-        vals = (raw.view("<u2").astype(np.uint32) << np.uint32(16)).view(np.float32)
-    else:
-        vals = raw.view(d.storage).astype(np.float32)
-    bad = ~np.isfinite(vals)
-    if bad.any():
-        raise FormatError(f"{what()}: value {int(np.argmax(bad))} is not finite (NaN or Inf)")
-    return vals
+        return (bits.astype(np.uint32) << np.uint32(16)).view(np.float32)
+    return raw.view(d.storage).astype(np.float32)
+
+
+_BITS = {"F32": np.dtype("<u4"), "F16": np.dtype("<u2"), "BF16": np.dtype("<u2")}
+_EXP = {"F32": np.uint32(0x7F800000), "F16": np.uint16(0x7C00), "BF16": np.uint16(0x7F80)}

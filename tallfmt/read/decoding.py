@@ -196,7 +196,16 @@ class ArchiveTensors:
         """Task i's residual on masked tensor ``e``: (positions int64, values float32), checked (FORMAT.md
         §11), or None when it has none."""
         r = e.residual(i)
-        return None if r is None else self.shard(e).residual(e, r)
+        if r is None:
+            return None
+        keys = self._key(e, r.positions), self._key(e, r.values)
+        hit = [self.cache.get(k) for k in keys]
+        if hit[0] is not None and hit[1] is not None:
+            return hit[0], hit[1]
+        found = self.shard(e).residual(e, r)
+        for k, arr in zip(keys, found):  # kept beside θ0 and τ_MTL when it fits: a later decode reads it no more
+            self.cache.put(k, arr)
+        return found
 
     def counts(self, e: TensorEntry) -> np.ndarray:
         counts = np.zeros(e.numel, dtype=np.uint16)
@@ -219,12 +228,8 @@ class ArchiveTensors:
         base = planes_or_flat(self.decoded_now(e, e.base, d.itemsize), e.dtype)
         tau = planes_or_flat(self.decoded_now(e, e.tau, 4), "F32")
         out = empty(e.shape, e.dtype)
-        packed = self.packed(e, i)
-        o = storage_view(out)
-        kernels.decode_into(base, tau, packed, o, dtype=e.dtype, check_padding=False)
-        res = self.residual(e, i) if residual else None
-        if res is not None:
-            o[res[0]] = kernels.residual_values(base, tau, packed, *res, dtype=e.dtype)
+        kernels.decode_into(base, tau, self.packed(e, i), storage_view(out), dtype=e.dtype, check_padding=False,
+                            residual=self.residual(e, i) if residual else None)
         return out
 
     def start_decode(self, jobs: Jobs, e: TensorEntry, i: int, device: torch.device | None,
@@ -259,20 +264,14 @@ class ArchiveTensors:
                 residual: tuple[np.ndarray, np.ndarray] | None, device: torch.device | None,
                 out: torch.Tensor | None) -> Future | torch.Tensor:
         """The numba decode over ranges of the tensor (into ``out`` or a new tensor), moved to ``device``;
-        each range then writes the residual entries inside it (their values computed once, from the
-        k entries alone: no second pass over the tensor)."""
+        the kernel adds the residual entries of each range in its own pass (one rounding)."""
         res = out if out is not None else empty(e.shape, e.dtype)
         o = storage_view(res)
         b, t = planes_or_flat(base, e.dtype), planes_or_flat(tau, "F32")
-        if residual is not None:
-            pos = residual[0]
-            values = kernels.residual_values(b, t, packed, *residual, dtype=e.dtype)
 
         def run(a: int, z: int) -> None:
-            kernels.decode_into(b, t, packed, o, dtype=e.dtype, start=a, stop=z, check_padding=False)
-            if residual is not None:
-                lo, hi = np.searchsorted(pos, (a, z))
-                o[pos[lo:hi]] = values[lo:hi]
+            kernels.decode_into(b, t, packed, o, dtype=e.dtype, start=a, stop=z, check_padding=False,
+                                residual=residual)
         fut = jobs.ranges(e.numel, KERNEL_STEP, run, res)
         if device is None or out is not None:
             return fut
