@@ -29,6 +29,7 @@ BENCHES = {  # name: (script, quick args, full args)
     "serving_gpu": ("bench_serving_gpu.py", ["--quick"], []),
     "open": ("bench_open.py", ["--mib", "2"], ["--mib", "100"]),
     "encode": ("bench_encode.py", ["--quick"], []),
+    "residual": ("bench_residual.py", ["--quick", "--repeats", "3"], ["--repeats", "7"]),
 }
 
 

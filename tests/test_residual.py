@@ -201,6 +201,23 @@ def test_entries_at_tensor_and_chunk_boundaries(tmp_path: Path) -> None:
         assert torch.equal(zoo.decode_tensor("t0", "big"), zoo.decode("t0")["big"])
 
 
+@pytest.mark.parametrize("dtype", ["F32", "F16", "BF16"])
+def test_torch_kernel_decodes_and_switches_the_same_bits(tmp_path: Path, dtype: str) -> None:
+    """kernel="torch" (the path of CUDA devices, here on the CPU) applies residuals bit for bit as numba."""
+    rng = np.random.default_rng(11)
+    base, tasks = make_zoo(rng, {"w": ((70_001,), dtype), "s": ((33,), dtype)}, 3, scale=0.05)
+    tallfmt.encode(base, tasks, tmp_path / "z.tall", residual={"t0": 3.0, "t2": 1.0})
+    with tallfmt.open(tmp_path / "z.tall") as zn, tallfmt.open(tmp_path / "z.tall", kernel="torch") as zt:
+        target = {k: torch.empty_like(v) for k, v in base.items()}
+        switch = zt.switcher(target)
+        for task in ("t0", "t1", "t2", "t0"):
+            a, b = zn.decode(task), zt.decode(task)
+            assert all(torch.equal(a[k].view(torch.uint8), b[k].view(torch.uint8)) for k in a), task
+            switch(task)
+            assert all(torch.equal(target[k].view(torch.uint8), a[k].view(torch.uint8)) for k in a), task
+        check_decodes(zt, base)
+
+
 def test_empty_residuals(tmp_path: Path) -> None:
     """k = 0 (no budget, or one too small for an entry) stores nothing: a 1.1 archive like one without."""
     rng = np.random.default_rng(3)
