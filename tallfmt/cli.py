@@ -512,8 +512,12 @@ def _written(files: list[Path]) -> str:
               help="One task: a .safetensors file, or a folder (HF-style, sharded above --max-shard-size). "
                    "Several: a folder that gets one such folder per task, named after it.")
 @click.option("--max-shard-size", default=None, help=SHARD_HELP)
+@click.option("--residual/--no-residual", "residual", default=True, show_default=True,
+              help="Add each task's residual where the archive stores one (FORMAT.md §11); --no-residual: "
+                   "the mask-only model.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output.")
-def decode(archive: str, tasks: tuple[str, ...], output: str, max_shard_size: str | None, force: bool) -> None:
+def decode(archive: str, tasks: tuple[str, ...], output: str, max_shard_size: str | None, residual: bool,
+           force: bool) -> None:
     """Write each TASK's model, θ0 + m_t ∘ τ_MTL, from ARCHIVE to OUTPUT.
 
     A folder OUTPUT also gets the task's stored files (config.json, tokenizer, …), so that
@@ -537,7 +541,7 @@ def decode(archive: str, tasks: tuple[str, ...], output: str, max_shard_size: st
             shard = _check_model_output(o, force, max_shard_size)
         for task, o in outs.items():
             with _counting(zoo, "iter_decode", f"decode {task}", _output_bytes(zoo, zoo.task_index(task))):
-                files = zoo.decode_to(task, o, max_shard_size=shard, overwrite=force)
+                files = zoo.decode_to(task, o, max_shard_size=shard, overwrite=force, residual=residual)
             skipped = zoo.file_names(task) if o.name.endswith(".safetensors") else []
             _say(f"{task}: wrote {_written(files)}")
             if skipped:

@@ -410,6 +410,15 @@ def test_cli_residual_option_and_info(tmp_path: Path) -> None:
     assert r.exit_code == 0, r.output
     with tallfmt.open(tmp_path / "z.tall") as zoo:
         assert [zoo.residual_info(t)["entries"] for t in zoo.tasks] == [500 // 16, 4 * 500 // 16]
+    for flag in ([], ["--no-residual"]):
+        r = CliRunner().invoke(cli, ["decode", str(tmp_path / "z.tall"), "t1", "-o", str(tmp_path / "t1.safetensors"),
+                                     "--force", *flag])
+        assert r.exit_code == 0, r.output
+        from safetensors.torch import load_file
+
+        got = load_file(str(tmp_path / "t1.safetensors"))["w"]
+        with tallfmt.open(tmp_path / "z.tall") as zoo:
+            assert torch.equal(got, zoo.decode("t1", residual=not flag)["w"])
     code = ("import sys, json, tallfmt.cli\n"
             "from click.testing import CliRunner\n"
             "r = CliRunner().invoke(tallfmt.cli.cli, ['info', '--json', sys.argv[1]])\n"
