@@ -244,15 +244,20 @@ def test_residual_option_is_checked(tmp_path: Path) -> None:
         zoo.decode("t0", residual="no")
 
 
-@pytest.mark.parametrize("merge", ["task_arithmetic", "ties"])
+@pytest.mark.parametrize("merge, mask", [("task_arithmetic", "tall"), ("ties", "tall"), ("ties", "magnitude")])
 def test_fused_and_torch_paths_write_the_same_bytes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                    merge: str) -> None:
+                                                    merge: str, mask: str) -> None:
     rng = np.random.default_rng(5)
     base, tasks = make_zoo(rng, {"w": ((301,), "BF16"), "x": ((9, 9), "F16"), "y": ((100,), "F32")}, 3)
-    tallfmt.encode(base, tasks, tmp_path / "fused.tall", residual=2.0, merge=merge, chunk_size=64)
+    kw = dict(residual=2.0, merge=merge, mask_method=mask, chunk_size=64)
+    tallfmt.encode(base, tasks, tmp_path / "fused.tall", **kw)
     monkeypatch.setattr(thresholds, "fused_on", lambda device: False)
-    tallfmt.encode(base, tasks, tmp_path / "torch.tall", residual=2.0, merge=merge, chunk_size=64)
+    tallfmt.encode(base, tasks, tmp_path / "torch.tall", **kw)
     assert (tmp_path / "fused.tall").read_bytes() == (tmp_path / "torch.tall").read_bytes()
+    with tallfmt.open(tmp_path / "torch.tall") as zoo:
+        assert zoo.header.version == (1, 2)
+        check_decodes(zoo, base)
+        check_selection(zoo, base, tasks, {t: 2.0 for t in tasks})
 
 
 def test_sharded_archive_decodes_as_the_single_file(tmp_path: Path) -> None:
