@@ -30,6 +30,7 @@ BENCHES = {  # name: (script, quick args, full args)
     "open": ("bench_open.py", ["--mib", "2"], ["--mib", "100"]),
     "encode": ("bench_encode.py", ["--quick"], []),
     "maskcodec": ("bench_maskcodec.py", ["--quick"], []),
+    "residual": ("bench_residual.py", ["--quick", "--repeats", "3"], ["--repeats", "7"]),
 }
 
 

@@ -59,6 +59,8 @@ CASES: dict[str, dict] = {
     # Format 1.2: masks coded with tau-rans (FORMAT.md §5.1) from τ_MTL, everything else raw, so that
     # τ_MTL can be read by hand and the masks decoded from the text of §5.1.
     "tau_rans": {"tasks": ["p", "q", "r"], "options": {"codec": "raw", "mask_codec": "tau-rans", "lambdas": 0.4}},
+    # Format 1.2: per-task residuals (FORMAT.md §11) for two of three tasks, the third without, raw segments.
+    "residual": {"tasks": ["a", "b", "c"], "options": {"residual": {"a": 8.0, "b": 2.0}, "codec": "raw"}},
 }
 
 

@@ -19,7 +19,8 @@ __version__ = "0.1.0"
 _LAZY = {
     "encode": "tallfmt.write.pipeline", "EncodeReport": "tallfmt.write.report",
     "open": "tallfmt.read.archive", "Archive": "tallfmt.read.archive",
-    "select_lambdas": "tallfmt.tuning", "select_alpha": "tallfmt.tuning",
+    "select_lambdas": "tallfmt.tuning", "select_alpha": "tallfmt.tuning", "select_residuals": "tallfmt.tuning",
+    "ResidualSelection": "tallfmt.tuning",
     "MergeMethod": "tallfmt.read.merges", "Param": "tallfmt.read.merges", "register_merge": "tallfmt.read.merges",
     "MERGES": "tallfmt.read.merges", "register_codec": "tallfmt.format.codecs", "CODECS": "tallfmt.format.codecs",
 }

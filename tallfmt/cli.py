@@ -294,6 +294,13 @@ def _check_task_names(tasks: list[str], finetunes: tuple[str, ...]) -> None:
 
 
 def _parse_lambdas(values: tuple[str, ...], tasks: list[str]) -> float | dict[str, float]:
+    return _parse_per_task(values, tasks, DEFAULTS.lambdas, "--lambda", "0.4", "sst2=0.3")
+
+
+def _parse_per_task(values: tuple[str, ...], tasks: list[str], fallback: Any, hint: str, one: str = "0.5",
+                    named: str = "sst2=2") -> Any:
+    """Repeated X / TASK=X options: one plain number for every task (default ``fallback``) and/or
+    task=number; the plain value, or {task: value} when some task is named."""
     default: float | None = None
     per_task: dict[str, float] = {}
     for v in values:
@@ -301,22 +308,21 @@ def _parse_lambdas(values: tuple[str, ...], tasks: list[str]) -> float | dict[st
         try:
             x = float(num)
         except ValueError:
-            raise click.BadParameter(f"{v!r}: expected a number (0.4) or task=number (sst2=0.3)",
-                                     param_hint="--lambda") from None
+            raise click.BadParameter(f"{v!r}: expected a number ({one}) or task=number ({named})",
+                                     param_hint=hint) from None
         if not sep:
             if default is not None:
-                raise click.BadParameter("give one plain number at most; name tasks as task=0.3",
-                                         param_hint="--lambda")
+                raise click.BadParameter("give one plain number at most; name tasks as task=number", param_hint=hint)
             default = x
         elif key not in tasks:
-            raise click.BadParameter(f"no task {key!r}; tasks are {', '.join(tasks)}", param_hint="--lambda")
+            raise click.BadParameter(f"no task {key!r}; tasks are {', '.join(tasks)}", param_hint=hint)
         else:
             per_task[key] = x
     if default is None:
-        default = DEFAULTS.lambdas
+        default = fallback
     if not per_task:
         return default
-    return {t: per_task.get(t, default) for t in tasks}
+    return {t: per_task.get(t, default if default is not None else 0.0) for t in tasks}
 
 
 def _parse_metadata(values: tuple[str, ...]) -> dict[str, str]:
@@ -388,6 +394,9 @@ D = DEFAULTS  # encode's defaults, defined once (tallfmt.write.options)
 @click.option("--metadata", "metadata", multiple=True, metavar="KEY=VALUE", help="Free metadata, repeatable.")
 @click.option("--files/--no-files", "files", default=D.files, show_default=True,
               help="Store the folders' non-weight files (config.json, tokenizer, model card) for decode/merge.")
+@click.option("--residual", "residual", multiple=True, metavar="BITS | TASK=BITS",
+              help=f"A per-task sparse residual of this many bits per masked parameter (default: "
+                   f"{D.residual or 'none'}): one number for every task and/or task=number, repeatable.")
 @click.option("--shards", type=click.IntRange(min=1), default=None,
               help="Write a sharded archive: OUTPUT becomes a folder of N shard files + tall.index.json.")
 @click.option("--max-shard-size", default=None, help="Sharded archive: shards of at most this size, e.g. 2GB.")
@@ -398,7 +407,8 @@ def encode(base: str, finetunes: tuple[str, ...], output: str, names: tuple[str,
            ties_density: float, ties_agg: str, ties_scope: str, lambdas: tuple[str, ...], mask_method: str,
            mask_density: float, codec: str, mask_codec: str, device: str | None, threads: int | None, dtype: str | None,
            prefix_map: tuple[str, ...], mismatch: str, per_task: tuple[str, ...], metadata: tuple[str, ...],
-           files: bool, shards: int | None, max_shard_size: str | None, scheduler: str | None, force: bool) -> None:
+           files: bool, residual: tuple[str, ...], shards: int | None, max_shard_size: str | None,
+           scheduler: str | None, force: bool) -> None:
     """Encode BASE (θ0) and its fine-tunes FT ... into one .tall archive.
 
     Each of BASE and FT is a .safetensors file, a folder with model.safetensors or a sharded
@@ -417,6 +427,7 @@ def encode(base: str, finetunes: tuple[str, ...], output: str, names: tuple[str,
     _check_task_names(tasks, finetunes)
     out = Path(output)
     lam = _parse_lambdas(lambdas, tasks)
+    budgets = _parse_per_task(residual, tasks, D.residual, "--residual")
     meta = _parse_metadata(metadata)
     shard_size = parse_size(max_shard_size) if max_shard_size is not None else None
     from tallfmt.write.pipeline import encode as encode_archive
@@ -429,7 +440,8 @@ def encode(base: str, finetunes: tuple[str, ...], output: str, names: tuple[str,
                                 mask_codec=mask_codec,
                                 device=device, threads=threads, dtype=dtype, prefix_map=_parse_prefix_map(prefix_map),
                                 mismatch=mismatch, per_task=patterns, metadata=meta, files=files, overwrite=force,
-                                progress=update, shards=shards, max_shard_size=shard_size, scheduler=scheduler)
+                                progress=update, shards=shards, max_shard_size=shard_size, scheduler=scheduler,
+                                residual=budgets)
     roles = ", ".join(f"{n} {r}" for r, n in report.roles.items())
     _say(f"{report.path}: {plural(len(report.tasks), 'task')} ({', '.join(report.tasks)}), {roles} tensors")
     if report.files is not None:
@@ -504,8 +516,12 @@ def _written(files: list[Path]) -> str:
               help="One task: a .safetensors file, or a folder (HF-style, sharded above --max-shard-size). "
                    "Several: a folder that gets one such folder per task, named after it.")
 @click.option("--max-shard-size", default=None, help=SHARD_HELP)
+@click.option("--residual/--no-residual", "residual", default=True, show_default=True,
+              help="Add each task's residual where the archive stores one (FORMAT.md §11); --no-residual: "
+                   "the mask-only model.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output.")
-def decode(archive: str, tasks: tuple[str, ...], output: str, max_shard_size: str | None, force: bool) -> None:
+def decode(archive: str, tasks: tuple[str, ...], output: str, max_shard_size: str | None, residual: bool,
+           force: bool) -> None:
     """Write each TASK's model, θ0 + m_t ∘ τ_MTL, from ARCHIVE to OUTPUT.
 
     A folder OUTPUT also gets the task's stored files (config.json, tokenizer, …), so that
@@ -529,7 +545,7 @@ def decode(archive: str, tasks: tuple[str, ...], output: str, max_shard_size: st
             shard = _check_model_output(o, force, max_shard_size)
         for task, o in outs.items():
             with _counting(zoo, "iter_decode", f"decode {task}", _output_bytes(zoo, zoo.task_index(task))):
-                files = zoo.decode_to(task, o, max_shard_size=shard, overwrite=force)
+                files = zoo.decode_to(task, o, max_shard_size=shard, overwrite=force, residual=residual)
             skipped = zoo.file_names(task) if o.name.endswith(".safetensors") else []
             _say(f"{task}: wrote {_written(files)}")
             if skipped:

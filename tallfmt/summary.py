@@ -84,8 +84,11 @@ def summary(zoo: Archive) -> dict[str, Any]:
     tasks = []
     for t in zoo.tasks:
         info = zoo.task_info(t)
+        res = zoo.residual_info(t)
         tasks.append({"name": t, "lambda": info.get("lambda"), "mask_density": info.get("mask_density"),
-                      "rel_error": info.get("rel_error"), "cosine": info.get("cosine")})
+                      "rel_error": info.get("rel_error"), "cosine": info.get("cosine"),
+                      "rel_error_mask": info.get("rel_error_mask", info.get("rel_error")),
+                      "residual_entries": res["entries"], "residual_bytes": res["bytes"]})
     files = header.files
     return {
         "path": str(zoo.path),
@@ -115,19 +118,20 @@ def summary(zoo: Archive) -> dict[str, Any]:
 
 def part_codecs(zoo: Archive) -> dict[str, list[str]]:
     """The segment codecs each stored part uses (θ0, τ_MTL, masks, shared and per-task tensors)."""
-    found: dict[str, set[str]] = {k: set() for k in ("theta0", "tau", "masks", "shared", "per_task")}
+    found: dict[str, set[str]] = {k: set() for k in ("theta0", "tau", "masks", "residuals", "shared", "per_task")}
     for e in zoo.header.tensors:
         if e.role == "masked":
             found["theta0"].add(e.base.codec)
             found["tau"].add(e.tau.codec)
             found["masks"].update(m.codec for m in e.masks)
+            found["residuals"].update(s.codec for r in e.residuals if r is not None for s in (r.positions, r.values))
         elif e.role in ("shared", "per_task"):
             found[e.role].update(s.codec for s in e.segments())
     return {k: sorted(v) for k, v in found.items()}
 
 
 _PART_LABELS = (("theta0", "θ0 (masked tensors)"), ("tau", "τ_MTL"), ("masks", "masks"),
-                ("shared", "shared tensors"), ("per_task", "per-task tensors"), ("header", "header + preamble"),
+                ("residuals", "residuals"), ("shared", "shared tensors"), ("per_task", "per-task tensors"), ("header", "header + preamble"),
                 ("padding", "alignment padding"))
 
 
@@ -145,11 +149,15 @@ def format_summary(s: dict[str, Any]) -> str:
     out = [f"{s['path']}: {human_bytes(total)}, tallfmt format {'.'.join(map(str, s['format_version']))}, "
            f"{T} task{'s' if T != 1 else ''}{shards}",
            f"τ_MTL: {merge}; masks: {mask}", ""]
-    rows = [["task", "λ", "mask density", "rel error", "cosine"]]
+    residual = any(t["residual_entries"] for t in s["tasks"])
+    rows = [["task", "λ", "mask density", "rel error", "cosine"] + (
+        ["residual entries", "residual bytes", "rel error without"] if residual else [])]
     rows += [[t["name"], _num(t["lambda"], ".2f"), pct(t["mask_density"]), _num(t["rel_error"]),
-              _num(t["cosine"], ".4f")] for t in s["tasks"]]
-    out += text_table(rows, "lrrrr")
-    out.append("  (rel error ‖θ̂_t − θ_t‖/‖τ_t‖ and cosine(m_t∘τ_MTL, τ_t) were measured at encode time)")
+              _num(t["cosine"], ".4f")] + ([f"{t['residual_entries']:,}", human_bytes(t["residual_bytes"]),
+                                            _num(t["rel_error_mask"])] if residual else []) for t in s["tasks"]]
+    out += text_table(rows, "lrrrr" + ("rrr" if residual else ""))
+    out.append("  (rel error ‖θ̂_t − θ_t‖/‖τ_t‖ and cosine(m_t∘τ_MTL, τ_t) were measured at encode time"
+               + ("; rel error with the task's residual, and without it" if residual else "") + ")")
     out.append("")
     rows = [["tensor role", "tensors", "parameters"]]
     rows += [[r, f"{v['tensors']:,}", f"{v['params']:,}" if r != "alias" else "(tied to their targets)"]

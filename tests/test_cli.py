@@ -166,9 +166,12 @@ def test_info_json_has_every_field_and_consistent_arithmetic(zoo: Path) -> None:
     T = len(TASKS)
     assert s["num_tasks"] == T and [t["name"] for t in s["tasks"]] == list(TASKS) and s["shards"] is None
     for t in s["tasks"]:
-        assert set(t) == {"name", "lambda", "mask_density", "rel_error", "cosine"}
+        assert set(t) == {"name", "lambda", "mask_density", "rel_error", "cosine", "rel_error_mask",
+                          "residual_entries", "residual_bytes"}
+        assert t["residual_entries"] == t["residual_bytes"] == 0 and t["rel_error_mask"] == t["rel_error"]
         assert 0 < t["mask_density"] <= 1 and t["rel_error"] >= 0 and -1 <= t["cosine"] <= 1
-    assert set(s["bytes"]) == {"theta0", "tau", "masks", "shared", "per_task", "header", "padding", "total"}
+    assert set(s["bytes"]) == {"theta0", "tau", "masks", "residuals", "shared", "per_task", "header", "padding",
+                               "total"}
     assert s["bytes"]["total"] == (zoo / "zoo.tall").stat().st_size
     assert sum(v for k, v in s["bytes"].items() if k != "total") == s["bytes"]["total"]
     # P' and F from the checkpoints themselves; the raw collection is θ0 + T checkpoints' tensor bytes.

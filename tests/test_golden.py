@@ -64,9 +64,12 @@ def test_golden_headers_match_schema(case: str) -> None:
 
 
 def test_golden_files_are_version_1_1_and_hold_their_files() -> None:
-    for case in CASES:  # 1.2 only where a codec of 1.2 is used (FORMAT.md §7)
+    """Version 1.1, except where a 1.2 feature is used: the tau-rans codec or residuals (FORMAT.md §7)."""
+    for case in CASES:
+        opts = CASES[case]["options"]
         with ContainerReader(GOLDEN / f"{case}.tall") as r:
-            assert r.header.version == ((1, 2) if case == "tau_rans" else (1, 1)), case
+            assert r.header.version == ((1, 2) if "residual" in opts or "mask_codec" in opts else (1, 1)), case
+            assert any(e.residuals for e in r.header.tensors) == ("residual" in opts), case
             assert (r.header.files is not None) == ("folders" in CASES[case]), case
     want = load_file(str(GOLDEN / "files.expected.safetensors"))
     for model, files in CASES["files"]["folders"].items():

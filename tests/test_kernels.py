@@ -425,21 +425,39 @@ def test_wrong_packed_length_is_format_error(nbytes: int) -> None:
 
 def test_kernels_recheck_lengths() -> None:
     # a direct (unvalidated) call with inconsistent lengths must raise, not read or write out of bounds
+    none_p, none_v = np.zeros(0, np.int64), np.zeros(0, np.float32)
     with pytest.raises(ValueError):
         kdecode._decode_kernel(np.zeros(100, np.uint32), np.zeros(10, np.float32), np.zeros(13, np.uint8),
-                               np.zeros(100, np.uint32), 0, 0, 100)
+                               np.zeros(100, np.uint32), 0, 0, 100, none_p, none_v)
     u8, f32 = np.zeros(100, np.uint32), np.zeros(100, np.float32)
     for start, stop in ((0, 101), (8, 4), (3, 64), (-8, 8)):  # a range past the end, backwards, unaligned
         with pytest.raises(ValueError):
-            kdecode._decode_kernel(u8, f32, np.zeros(13, np.uint8), np.zeros(100, np.uint32), 0, start, stop)
+            kdecode._decode_kernel(u8, f32, np.zeros(13, np.uint8), np.zeros(100, np.uint32), 0, start, stop,
+                                   none_p, none_v)
         with pytest.raises(ValueError):
             kdecode._select_kernel(u8, u8, np.zeros(13, np.uint8), np.zeros(100, np.uint32), start, stop)
     with pytest.raises(ValueError):  # planes of the wrong count or length
         kdecode._decode_planes_kernel(np.zeros((2, 100), np.uint8), np.zeros((4, 100), np.uint8),
-                                      np.zeros(13, np.uint8), np.zeros(100, np.uint32), 0, 0, 100)
+                                      np.zeros(13, np.uint8), np.zeros(100, np.uint32), 0, 0, 100, none_p, none_v)
     with pytest.raises(ValueError):
         kdecode._decode_planes_kernel(np.zeros((4, 100), np.uint8), np.zeros((4, 99), np.uint8),
-                                      np.zeros(13, np.uint8), np.zeros(100, np.uint32), 0, 0, 100)
+                                      np.zeros(13, np.uint8), np.zeros(100, np.uint32), 0, 0, 100, none_p, none_v)
+    # residual entries outside the range, negative, out of order, or of another count than their values
+    planes = (np.zeros((4, 100), np.uint8), np.zeros((4, 100), np.uint8))
+    for pos, vals, start, stop in (([64], [1.0], 0, 64), ([-1], [1.0], 0, 100), ([99, 3], [1.0, 1.0], 0, 100),
+                                   ([5, -7], [1.0, 1.0], 0, 100), ([3], [], 0, 100), ([2], [1.0], 8, 100)):
+        p, v = np.array(pos, np.int64), np.array(vals, np.float32)
+        with pytest.raises(ValueError):
+            kdecode._decode_kernel(u8, f32, np.zeros(13, np.uint8), np.zeros(100, np.uint32), 0, start, stop, p, v)
+        with pytest.raises(ValueError):
+            kdecode._decode_planes_kernel(*planes, np.zeros(13, np.uint8), np.zeros(100, np.uint32), 0, start, stop,
+                                          p, v)
+    with pytest.raises(ValueError):
+        kdecode._residual_kernel(u8, f32, np.zeros(13, np.uint8), np.array([100]), np.ones(1, np.float32),
+                                 np.zeros(1, np.uint32), 0)
+    with pytest.raises(ValueError):
+        kdecode._residual_planes_kernel(*planes, np.zeros(13, np.uint8), np.array([100]), np.ones(1, np.float32),
+                                        np.zeros(1, np.uint32), 0)
     with pytest.raises(ValueError):
         kdecode._select_kernel(u8, u8[:99], np.zeros(13, np.uint8), np.zeros(100, np.uint32), 0, 100)
     with pytest.raises(ValueError):

@@ -567,6 +567,7 @@ class Masked:
     codec: str = "auto"             # for every segment, or a dict base/tau/masks -> codec
     style: Any = "raw"
     rans: dict = field(default_factory=dict)  # tau-rans masks: {"lanes": K, "mode": 0 or 1}
+    residuals: list | None = None   # §11 (1.2): per task None or (positions, value dtype, value bits)
     role = "masked"
 
     def __post_init__(self) -> None:
@@ -584,13 +585,25 @@ class Masked:
         return {"name": self.name, "role": "masked", "dtype": self.dtype, "shape": list(self.shape),
                 "base": encode(storage_bytes(self.dtype, self.base), isz, self._codec("base"), self.style),
                 "tau": encode(self.tau.tobytes(), 4, self._codec("tau"), self.style),
-                "masks": [self._mask_seg(m) for m in self.masks]}
+                "masks": [self._mask_seg(m) for m in self.masks],
+                **({} if self.residuals is None else {"residuals": [self._residual(r) for r in self.residuals]})}
 
     def _mask_seg(self, m: np.ndarray) -> Seg:
         packed = pack_mask(m)
         if self._codec("masks") != "tau-rans":
             return encode(packed, 1, self._codec("masks"), self.style)
         return Seg(tau_rans(packed, len(m), self.tau, **self.rans), len(packed), "tau-rans")
+
+    def _residual(self, r: tuple | None) -> dict | None:
+        """§11: count, dtype, the positions as u32 gaps (first, then p_j − p_{j−1} − 1), the values."""
+        if r is None:
+            return None
+        pos, dtype, bits = r
+        gaps = [pos[0]] + [b - a - 1 for a, b in zip(pos, pos[1:])]
+        codec = self.codec.get("residuals", "auto") if isinstance(self.codec, dict) else self.codec
+        return {"count": len(pos), "dtype": dtype,
+                "positions": encode(struct.pack(f"<{len(gaps)}I", *gaps), 4, codec, self.style),
+                "values": encode(storage_bytes(dtype, np.asarray(bits)), ITEMSIZE[dtype], codec, self.style)}
 
     def _value(self, bits: np.ndarray) -> Value:
         return (self.dtype, self.shape, storage_bytes(self.dtype, bits))
@@ -607,7 +620,19 @@ class Masked:
         return self._value(out)
 
     def decode(self, t: int) -> Value | None:
-        return self.combine(None, self.masks[t])
+        r = None if self.residuals is None else self.residuals[t]
+        if r is None:
+            return self.combine(None, self.masks[t])
+        # §11: a = θ0_f + τ where the bit is set (one float32 addition), θ0_f where clear; at each entry
+        # round(a + r), one float32 addition and one rounding; §4.4 elsewhere
+        pos, dtype, bits = r
+        with np.errstate(all="ignore"):
+            theta0 = widen(self.dtype, self.base)
+            a = np.where(self.masks[t], theta0 + self.tau, theta0).astype(np.float32)
+            out = np.where(self.masks[t], narrow(self.dtype, a), self.base)
+            idx = np.asarray(pos, dtype=np.int64)
+            out[idx] = narrow(self.dtype, (a[idx] + widen(dtype, np.asarray(bits))).astype(np.float32))
+        return self._value(out)
 
     def counts(self) -> np.ndarray:
         c = np.zeros(len(self.tau), dtype=np.int64)
@@ -841,6 +866,26 @@ def natural(name: str, dtype: str, shape: tuple[int, ...], lambdas: list[float],
         taus.append(theta - theta0)
     mtl, masks = tall_masks(taus, lambdas)
     return Masked(name, dtype, shape, base, mtl, masks, codec, style)
+
+
+def residual_tensors() -> list[Any]:
+    """Masked tensors with residuals (§11) for the accept case 'residuals' (three tasks)."""
+    w = natural("rw", "F32", (5, 7), [0.4, 0.4, 0.4], codec="raw")
+    w.residuals = [([0, 3, 17, 34], "F32", to_bits("F32", np.array([0.25, -1e-3, 3e-5, -0.5], np.float32))), None,
+                   ([34], "BF16", to_bits("BF16", np.array([0.125], np.float32)))]
+    n = 9
+    base = np.full(n, 0x3F80, dtype=np.uint16)   # 1.0
+    base[5] = 0x8000                              # -0.0
+    tau = rand_f32("rh.tau", n, 0.01)
+    tau[2] = np.float32(2.0 ** -8)                # 1 + 2^-8 is a tie in bfloat16: rounding it first gives 1.0
+    masks = [rand_bits(f"rh.m{i}", n, 0.5) for i in range(3)]
+    masks[0][2], masks[0][5] = True, False
+    h = Masked("rh", "BF16", (n,), base, tau, masks, codec={"base": "raw", "tau": "zstd", "masks": "raw"})
+    h.residuals = [([2, 5, 8], "BF16", to_bits("BF16", np.array([2.0 ** -10, 0.5, -0.75], np.float32))),
+                   ([0], "F32", to_bits("F32", np.array([1e-7], np.float32))), None]
+    v = natural("rv", "F16", (13,), [0.4, 0.4, 0.4])
+    v.residuals = [None, ([0, 12], "F16", to_bits("F16", np.array([0.001, -2.0], np.float32))), None]
+    return [w, h, v]
 
 
 def accept(name: str, section: str, description: str, tasks: list[dict], encoding: dict, tensors: list[Any],
@@ -1187,6 +1232,12 @@ def accept_cases() -> None:
     accept("newer_minor_method_keys", "§7 (unknown keys inside encoding.merge / encoding.mask)",
            f"version 1.{FUTURE} with unknown keys inside encoding.merge (task_arithmetic) and encoding.mask (tall)",
            [task_json("a", 0.4)], ENC_TA, [natural("w", "F32", (4,), [0.4], codec="raw")], minor=FUTURE, header_fn=method_keys)
+
+    # --- residuals (§11, version 1.2) ----------------------------------------------------------
+    accept("residuals", "§11 (per-task residuals: positions as gaps, values, one rounding), §7 version 1.2",
+           "three tasks; F32 residual values at the first and last element, none for one task, BF16 values (one on a "
+           "θ0 of -0.0 with a clear bit; one where rounding θ0 + τ first would round twice), F16 values",
+           [task_json(n, 0.4) for n in ("a", "b", "c")], ENC_TA, residual_tensors(), minor=2)
 
     def deep(h: dict) -> None:
         v: Any = "leaf"
@@ -2151,6 +2202,64 @@ def refuse_cases() -> None:
                  "tasks": [None, {"dtype": "BOOL", "shape": [2, 1], "data": Seg(b"\x00\xff", 2, "raw")}]})
     refuse("bool_per_task_ff", "FormatError", "read", f"{S6R}: {rule}", "tensors[5].tasks[1].data",
            "a per_task BOOL entry of task b holding 0xFF", base(rows=rows).file())
+
+    residual_refuse_cases()
+
+
+def residual_base(pos: list[int] | None = None, bits: Any = None, dtype: str = "F32", minor: int = 2) -> Built:
+    """The base file with a residual (§11) for task a on 'w' (F32 [3, 5], raw segments): by default
+    entries 0, 7 and 14 (the first, a middle and the last element); version 1.2."""
+    ts = base_tensors()
+    pos = [0, 7, 14] if pos is None else pos
+    bits = to_bits("F32", np.array([0.5, -0.25, 0.125][:len(pos)], np.float32)) if bits is None else bits
+    ts[0].residuals = [(pos, dtype, bits), None]
+    return base(tensors=ts, minor=minor)
+
+
+def residual_refuse_cases() -> None:
+    S6, S6R = "§6 (on open)", "§6 (on read)"
+    R = "tensors[0].residuals[0]"
+
+    def case(name: str, fn: Callable[[dict], Any], desc: str, field_: str, minor: int = 2) -> None:
+        b = residual_base(minor=minor)
+        fn(b.header)
+        refuse(name, "FormatError", "open", f"{S6}: residuals (§11)", field_, desc, b.file())
+
+    def r0(h: dict) -> dict:
+        return h["tensors"][0]["residuals"][0]
+    case("residual_count_over_n", lambda h: r0(h).__setitem__("count", 16), "count 16 for a tensor of 15 elements",
+         f"{R}.count")
+    case("residual_count_zero", lambda h: r0(h).__setitem__("count", 0), "count 0 (a task without entries is null)",
+         f"{R}.count")
+    case("residual_count_float", lambda h: r0(h).__setitem__("count", 3.0), "count 3.0", f"{R}.count")
+    case("residual_dtype_f64", lambda h: r0(h).__setitem__("dtype", "F64"), "value dtype F64", f"{R}.dtype")
+    case("residual_positions_length", lambda h: r0(h)["positions"].__setitem__("decoded_length", 8),
+         "positions decoded_length 8 for 3 entries (12 bytes of u32 gaps)", f"{R}.positions.decoded_length")
+    case("residual_values_length", lambda h: r0(h)["values"].__setitem__("decoded_length", 6),
+         "values decoded_length 6 for 3 F32 entries", f"{R}.values.decoded_length")
+    case("residual_missing_values", lambda h: r0(h).pop("values"), "an entry without 'values'", f"{R}.values")
+    case("residual_unknown_key", lambda h: r0(h).__setitem__("x", 1), "an unknown key in a residual entry of a 1.2 file",
+         f"{R}.x")
+    case("residual_tasks_length", lambda h: h["tensors"][0]["residuals"].pop(), "one residual entry for two tasks",
+         "tensors[0].residuals")
+    case("residual_not_a_list", lambda h: h["tensors"][0].__setitem__("residuals", {"a": None}),
+         "residuals as an object", "tensors[0].residuals")
+    case("residual_on_shared", lambda h: h["tensors"][2].__setitem__("residuals", [None, None]),
+         "residuals on a shared row", "tensors[2].residuals")
+    case("residual_in_1_1", lambda h: None, "a file of version 1.1 with residuals (an unknown key of its version)",
+         "tensors[0].residuals", minor=1)
+
+    def read(name: str, desc: str, field_: str, **kw: Any) -> None:
+        refuse(name, "FormatError", "read", f"{S6R}: residual positions or values (§11)", field_, desc,
+               residual_base(**kw).file())
+    read("residual_gap_out_of_range", "a first gap of 15 in a tensor of 15 elements", f"{R}.positions", pos=[15],
+         bits=to_bits("F32", np.array([0.5], np.float32)))
+    read("residual_position_out_of_range", "gaps 0, 6, 7: every gap < 15 but the last position is 15",
+         f"{R}.positions", pos=[0, 7, 15])
+    read("residual_value_nan", "an F32 value that is NaN", f"{R}.values",
+         bits=np.array([0x3F000000, 0x7FC00000, 0x3E000000], np.uint32))
+    read("residual_value_inf", "a BF16 value that is -Inf", f"{R}.values", dtype="BF16",
+         bits=np.array([0x3F00, 0xFF80, 0x3E00], np.uint16))
 
 
 def frame_head(n: int) -> bytes:

@@ -78,3 +78,20 @@ def decode(theta0: torch.Tensor, tau: torch.Tensor, packed: torch.Tensor, out: t
     """θ̂ = θ0 + m ∘ τ_MTL of one flat tensor (FORMAT.md §4.4) on their device: where bit i of ``packed``
     is set round_dtype(θ0_i + τ_i), elsewhere θ0_i bit for bit."""
     return select(unpack_bits(packed, theta0.numel()), add_rounded(theta0, tau), theta0, out)
+
+
+def residual_values(theta0: torch.Tensor, tau: torch.Tensor, packed: torch.Tensor, pos: torch.Tensor,
+                    vals: torch.Tensor) -> torch.Tensor:
+    """The decoded values of residual entries (FORMAT.md §11) on the inputs' device: at flat positions
+    ``pos`` (int64), round_dtype(a + r) with a = θ0_f + τ_MTL where the mask bit is set, θ0_f where it is
+    clear, r = ``vals`` (float32) — one rounding, the numba kernel's bits. Reads only those entries.
+
+        >>> residual_values(torch.zeros(3), torch.ones(3), torch.tensor([1], dtype=torch.uint8),
+        ...                 torch.tensor([0, 2]), torch.tensor([0.5, 0.25])).tolist()
+        [1.5, 0.25]
+    """
+    _int_view(theta0)
+    bits = ((packed[pos >> 3] >> (pos & 7).to(torch.uint8)) & 1).bool()
+    b = theta0[pos].float()
+    s = torch.where(bits, b + tau[pos], b) + vals
+    return s if theta0.dtype == torch.float32 else s.to(theta0.dtype)

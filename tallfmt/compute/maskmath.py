@@ -616,6 +616,16 @@ class TaskStats:
     def __init__(self) -> None:
         self._sums: Tensor | None = None  # [err², tau², dot, masked², kept] as float64
         self.total = 0
+        self._residual: list[float] | None = None  # [Δ err² of the residual entries, their count], FORMAT.md §4.5
+
+    def add_residual(self, delta_err2: float, entries: int) -> None:
+        """Add a tensor's residual: what its entries change in Σ(θ̂−θ)² and how many there are. Once
+        called, :meth:`result` reports ``rel_error`` with the residual, ``rel_error_mask`` without it and
+        ``residual_entries``."""
+        if self._residual is None:
+            self._residual = [0.0, 0]
+        self._residual[0] += float(delta_err2)
+        self._residual[1] += int(entries)
 
     def add(self, sums: Sequence[float], count: int) -> None:
         """Add one chunk's sums [Σ(θ̂−θ)², Σ τ_t², Σ (m∘τ_MTL)·τ_t, Σ (m∘τ_MTL)², kept] over ``count``
@@ -632,6 +642,8 @@ class TaskStats:
             theirs = other._sums
             self._sums = theirs.clone() if self._sums is None else self._sums.add_(theirs.to(self._sums.device))
         self.total += other.total
+        if other._residual is not None:
+            self.add_residual(*other._residual)
         return self
 
     @property
@@ -648,4 +660,10 @@ class TaskStats:
         cosine = None
         if tau2 > 0 and masked2 > 0:
             cosine = max(-1.0, min(1.0, dot / math.sqrt(masked2 * tau2)))
-        return {"mask_density": density, "rel_error": rel_error, "cosine": cosine}
+        out: dict[str, float | None] = {"mask_density": density, "rel_error": rel_error, "cosine": cosine}
+        if self._residual is not None:
+            delta, entries = self._residual
+            out["rel_error"] = math.sqrt(max(0.0, err2 + delta) / tau2) if tau2 > 0 else None
+            out["rel_error_mask"] = rel_error
+            out["residual_entries"] = entries
+        return out

@@ -29,8 +29,10 @@ from tallfmt.errors import ChecksumError, FormatError, InputError, LimitError
 from tallfmt.format import dtypes
 from tallfmt.format.atomic import AtomicFile, write_error
 from tallfmt.format.codecs import Buffer, as_bytes, context_of, decode, get_codec
-from tallfmt.format.header import (ALIGN, MAGIC, MAJOR, MAX_HEADER_BYTES, PREAMBLE_SIZE, Header, Segment,
-                                   align, check_layout, checksum, describe, parse_header, segment_locations)
+from tallfmt.format.header import (ALIGN, MAGIC, MAJOR, MAX_HEADER_BYTES, PREAMBLE_SIZE, Header, Residual, Segment,
+                                   TensorEntry, align, check_layout, checksum, describe, parse_header,
+                                   segment_locations)
+from tallfmt.format.residual import gap_itemsize, gaps_to_positions, values_to_f32
 
 _PREAMBLE = struct.Struct("<8sHHIQQQQ")  # magic, major, minor, flags, hdr offset, hdr length, hdr xxh3, preamble xxh3
 
@@ -226,11 +228,25 @@ class ContainerReader:
         for t in self.header.tensors:
             tau = None  # τ_MTL, decoded before the masks (parts() lists it first) for a context codec
             for seg, kind in t.parts():
+                if kind == "positions":  # checked with its values by residual()
+                    continue
                 context = tau if kind == "mask" and context_of(seg.codec) == "tau" else None
                 data = self.read(seg, _ITEMSIZE.get(kind, 1), context=context)
                 check_values(data, kind, t.numel, lambda: f"{self.path}: {self._locate(seg)}")
                 if seg is t.tau and any(context_of(m.codec) == "tau" for m in t.masks):
                     tau = np.frombuffer(data, dtype=np.float32)
+            for r in t.residuals:
+                if r is not None:
+                    self.residual(t, r)
+
+    def residual(self, e: TensorEntry, r: Residual) -> tuple[np.ndarray, np.ndarray]:
+        """A task's residual on masked tensor ``e`` (FORMAT.md §11): its positions (int64, strictly
+        increasing, inside the tensor) and values (float32, finite), both checked."""
+        pos = gaps_to_positions(self.read(r.positions, gap_itemsize(e.numel)), r.count, e.numel,
+                                lambda: f"{self.path}: {self._locate(r.positions)}")
+        vals = values_to_f32(self.read(r.values, dtypes.by_name(r.dtype).itemsize), r.count, r.dtype,
+                             lambda: f"{self.path}: {self._locate(r.values)}")
+        return pos, vals
 
     def close(self) -> None:
         if self._mm is not None:

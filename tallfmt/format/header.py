@@ -21,12 +21,13 @@ from tallfmt.format import dtypes
 from tallfmt.format.codecs import CODECS, CONTEXT_CODECS, MAX_EXPANSION, Buffer, minor_of
 from tallfmt.format.files import FILES_MINOR, Files, check_files
 from tallfmt.format.jsonio import is_text, loads_strict_object
+from tallfmt.format.residual import RESIDUAL_DTYPES, RESIDUAL_MINOR, gap_itemsize
 
 MAGIC = b"\x89TALL\r\n\x1a"
 FORMAT_NAME = "tallfmt"
 #: The newest version this reader knows: 1.1 stores mask bits as 0 where τ_MTL = 0 (FORMAT.md §4.3)
-#: and added ``files`` (§10); 1.2 added the ``tau-rans`` mask codec (§5.1). Writers write 1.1 unless
-#: a segment's codec needs more (:func:`version_of_tensors`).
+#: and added ``files`` (§10); 1.2 added the ``tau-rans`` mask codec (§5.1) and per-task residuals (§11).
+#: Writers write 1.1 unless a header needs more (:func:`header_version`).
 MAJOR, MINOR = 1, 2
 #: The minor version of a header that uses nothing newer than 1.1.
 BASE_MINOR = 1
@@ -172,6 +173,21 @@ class Item:
 
 
 @dataclass(frozen=True)
+class Residual:
+    """One task's residual on a masked tensor (FORMAT.md §11): ``count`` entries, their positions as
+    gaps and their values in ``dtype``."""
+
+    count: int
+    dtype: str
+    positions: Segment
+    values: Segment
+
+    def to_json(self) -> dict[str, Any]:
+        return {"count": self.count, "dtype": self.dtype, "positions": self.positions.to_json(),
+                "values": self.values.to_json()}
+
+
+@dataclass(frozen=True)
 class TensorEntry:
     """One row of the tensor table. Which fields are set depends on ``role`` (FORMAT.md, "Tensor table")."""
 
@@ -186,18 +202,23 @@ class TensorEntry:
     base_item: Item | None = None            # per_task: θ0's copy, if θ0 has the tensor
     task_items: tuple[Item | None, ...] = () # per_task: one per task (None: that task lacks it)
     target: str | None = None                # alias
+    residuals: tuple[Residual | None, ...] = ()  # masked, 1.2: one per task (None: none), or () for no task
 
     @property
     def numel(self) -> int:
         return math.prod(self.shape) if self.shape is not None else 0
+
+    def residual(self, i: int) -> Residual | None:
+        """Task i's residual on this tensor, or None."""
+        return self.residuals[i] if self.residuals else None
 
     def segments(self) -> Iterator[Segment]:
         for s, _ in self.parts():
             yield s
 
     def parts(self) -> Iterator[tuple[Segment, str]]:
-        """(segment, what its elements are) for every segment of the row: a dtype name, or "mask" for
-        a packed mask of ``numel`` bits."""
+        """(segment, what its elements are) for every segment of the row: a dtype name, "mask" for
+        a packed mask of ``numel`` bits, or "positions" for a residual's gaps (:func:`gap_itemsize`)."""
         for s in (self.base, self.data):
             if s is not None:
                 yield s, self.dtype
@@ -205,6 +226,10 @@ class TensorEntry:
             yield self.tau, "F32"
         for m in self.masks:
             yield m, "mask"
+        for r in self.residuals:
+            if r is not None:
+                yield r.positions, "positions"
+                yield r.values, r.dtype
         for it in (self.base_item, *self.task_items):
             if it is not None:
                 yield it.data, it.dtype
@@ -218,6 +243,8 @@ class TensorEntry:
             out["base"] = self.base.to_json()
             out["tau"] = self.tau.to_json()
             out["masks"] = [m.to_json() for m in self.masks]
+            if self.residuals:
+                out["residuals"] = [r.to_json() if r is not None else None for r in self.residuals]
         elif self.role == "shared":
             out["data"] = self.data.to_json()
         elif self.role == "per_task":
@@ -426,7 +453,8 @@ class HeaderChecker:
         role = self.str_(o["role"], f"{where}.role", ROLES)
         where = f"{where} ({name[:80]!r})"
         if role == "masked":
-            o = self.obj(o, where, {"name", "role", "dtype", "shape", "base", "tau", "masks"})
+            o = self.obj(o, where, {"name", "role", "dtype", "shape", "base", "tau", "masks"},
+                         _RESIDUAL_KEY if self.minor >= RESIDUAL_MINOR else frozenset())
             dt = self.dtype(o["dtype"], f"{where}.dtype", dtypes.MASKABLE)
             isz = dtypes.by_name(dt).itemsize
             shape = self.shape(o["shape"], f"{where}.shape", isz)
@@ -434,11 +462,18 @@ class HeaderChecker:
             masks = self.list_(o["masks"], f"{where}.masks", MAX_TASKS)
             if len(masks) != n_tasks:
                 raise self.fail(f"{where}.masks", f"{len(masks)} masks for {n_tasks} tasks")
+            residuals = ()
+            if "residuals" in o and self.minor >= RESIDUAL_MINOR:
+                rs = self.list_(o["residuals"], f"{where}.residuals", MAX_TASKS)
+                if len(rs) != n_tasks:
+                    raise self.fail(f"{where}.residuals", f"{len(rs)} entries for {n_tasks} tasks")
+                residuals = tuple(None if r is None else self.residual(r, f"{where}.residuals[{i}]", n)
+                                  for i, r in enumerate(rs))
             return TensorEntry(name, role, dt, shape,
                                base=self.segment(o["base"], f"{where}.base", n * isz),
                                tau=self.segment(o["tau"], f"{where}.tau", n * 4),
                                masks=tuple(self.segment(m, at, (n + 7) // 8, i, True) for at in (f"{where}.masks",)
-                                           for i, m in enumerate(masks)))
+                                           for i, m in enumerate(masks)), residuals=residuals)
         if role == "shared":
             o = self.obj(o, where, {"name", "role", "dtype", "shape", "data"})
             dt = self.dtype(o["dtype"], f"{where}.dtype")
@@ -459,6 +494,18 @@ class HeaderChecker:
             return TensorEntry(name, role, base_item=base, task_items=task_items)
         o = self.obj(o, where, {"name", "role", "target"})
         return TensorEntry(name, role, target=self.name(o["target"], f"{where}.target"))
+
+    def residual(self, v: Any, where: str, numel: int) -> Residual:
+        """One task's residual on a masked tensor of ``numel`` elements (FORMAT.md §11): 1 ≤ count ≤ numel,
+        a value dtype of RESIDUAL_DTYPES, segments of count × gap size and count × itemsize bytes."""
+        o = self.obj(v, where, {"count", "dtype", "positions", "values"})
+        count = self.int_(o["count"], f"{where}.count")
+        if not 1 <= count <= numel:
+            raise self.fail(f"{where}.count", f"{count} entries for a tensor of {numel} elements (1..{numel} "
+                                              f"allowed; a task without entries has null)")
+        dt = self.str_(o["dtype"], f"{where}.dtype", RESIDUAL_DTYPES)
+        return Residual(count, dt, self.segment(o["positions"], f"{where}.positions", count * gap_itemsize(numel)),
+                        self.segment(o["values"], f"{where}.values", count * dtypes.by_name(dt).itemsize))
 
     def method(self, v: Any, where: str, methods: tuple[str, ...], params: dict[str, frozenset[str]]) -> dict:
         """encoding.merge / encoding.mask: a method and exactly its parameters (unknown keys only in a
@@ -553,15 +600,19 @@ class HeaderChecker:
 
 def version_for(files: Files | None) -> tuple[int, int]:
     """The version a writer gives an index: 1.0, or 1.1 when it holds files (an index holds no masks,
-    so one without files is unchanged for 1.0 readers). Headers: :func:`version_of_tensors`."""
+    so one without files is unchanged for 1.0 readers). Headers: :func:`header_version`."""
     return (MAJOR, FILES_MINOR if files is not None else 0)
 
 
-def version_of_tensors(tensors: Sequence[TensorEntry]) -> tuple[int, int]:
-    """The version a writer gives a header with these rows: 1.1, or the newest minor any segment's codec
-    needs (1.2 for ``tau-rans``), so that archives without new codecs stay readable by 1.1 readers."""
+def header_version(tensors: Sequence[TensorEntry]) -> tuple[int, int]:
+    """The version a writer gives a header with these rows: 1.1, or the newest minor it needs — 1.2 for a
+    ``tau-rans`` segment or a residual (a 1.1 reader would decode either wrongly, FORMAT.md §7) — so that
+    every other archive stays readable by 1.1 readers."""
     used = {s.codec for t in tensors for s, _ in t.parts()}
-    return (MAJOR, max([BASE_MINOR, *(minor_of(c) for c in used)]))
+    need = [BASE_MINOR, *(minor_of(c) for c in used)]
+    if any(t.residuals for t in tensors):
+        need.append(RESIDUAL_MINOR)
+    return (MAJOR, max(need))
 
 
 def since_1_1(v: Any) -> frozenset[str]:
@@ -572,7 +623,8 @@ def since_1_1(v: Any) -> frozenset[str]:
 
 
 _SEGMENT_KEYS = {"offset", "length", "decoded_length", "codec", "xxh3"}
-_ROW_KEYS = frozenset({"dtype", "shape", "base", "tau", "masks", "data", "tasks", "target"})
+_RESIDUAL_KEY = frozenset({"residuals"})
+_ROW_KEYS = frozenset({"dtype", "shape", "base", "tau", "masks", "data", "tasks", "target", "residuals"})
 _MERGE_PARAMS = {"task_arithmetic": frozenset(), "ties": frozenset({"density", "agg", "scope"})}
 _MASK_PARAMS = {"tall": frozenset(), "magnitude": frozenset({"density", "scope"})}
 _HEX = frozenset("0123456789abcdef")
@@ -611,6 +663,10 @@ def segment_locations(header: Header) -> list[tuple[Location, Segment]]:
             if s is not None:
                 out.append(((i, part, -1), s))
         out.extend(((i, "masks", j), s) for j, s in enumerate(t.masks))
+        for j, r in enumerate(t.residuals):
+            if r is not None:
+                out.append(((i, "residuals.positions", j), r.positions))
+                out.append(((i, "residuals.values", j), r.values))
         if t.base_item is not None:
             out.append(((i, "base.data", -1), t.base_item.data))
         out.extend(((i, "tasks", j), it.data) for j, it in enumerate(t.task_items) if it is not None)
@@ -625,6 +681,8 @@ def describe(header: Header, loc: Location) -> str:
         return f"{where}.masks[{j}] (task {header.tasks[j].name[:80]!r})"
     if part == "tasks":
         return f"{where}.tasks[{j}].data"
+    if part.startswith("residuals."):
+        return f"{where}.residuals[{j}].{part[10:]} (task {header.tasks[j].name[:80]!r})"
     return f"{where}.{part}"
 
 

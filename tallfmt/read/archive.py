@@ -142,13 +142,14 @@ class Archive:
         return self._entries[e.target] if e.role == "alias" else e
 
     def sizes(self) -> dict[str, int]:
-        """Stored bytes per part: theta0, tau, masks, shared, per_task, header, padding and total."""
-        parts = dict.fromkeys(("theta0", "tau", "masks", "shared", "per_task"), 0)
+        """Stored bytes per part: theta0, tau, masks, residuals, shared, per_task, header, padding and total."""
+        parts = dict.fromkeys(("theta0", "tau", "masks", "residuals", "shared", "per_task"), 0)
         for e in self.header.tensors:
             if e.role == "masked":
                 parts["theta0"] += e.base.length
                 parts["tau"] += e.tau.length
                 parts["masks"] += sum(m.length for m in e.masks)
+                parts["residuals"] += sum(r.positions.length + r.values.length for r in e.residuals if r is not None)
             elif e.role in ("shared", "per_task"):
                 parts[e.role] += sum(s.length for s in e.segments())
         # a sharded archive: every shard's preamble and header, and the index, count as "header"
@@ -167,30 +168,47 @@ class Archive:
             self._tensors = ArchiveTensors(self.layout, self.threads, self.cache, self.kernel)
         return self._tensors
 
-    def iter_decode(self, task: str, *, device: str | torch.device | None = None
+    def iter_decode(self, task: str, *, device: str | torch.device | None = None, residual: bool = True
                     ) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield (name, tensor) of one task model, tensor by tensor (bounded memory: a few hundred MB
-        decoded ahead, plus the cache)."""
+        decoded ahead, plus the cache). ``residual``: as :meth:`decode`."""
         i = self.task_index(task)
         t = self.tensors
         dev = _device(device)
-        return t.iterate(lambda jobs, e: t.start_decode(jobs, e, i, dev))
+        res = _flag("residual", residual)
+        return t.iterate(lambda jobs, e: t.start_decode(jobs, e, i, dev, residual=res))
 
-    def decode(self, task: str, *, device: str | torch.device | None = None) -> dict[str, torch.Tensor]:
-        """θ̂_t = θ0 + m_t ∘ τ_MTL for every tensor: original names, shapes and dtypes, on ``device``
-        (decoded there: a CUDA device runs the decode in torch on the GPU).
+    def decode(self, task: str, *, device: str | torch.device | None = None,
+               residual: bool = True) -> dict[str, torch.Tensor]:
+        """θ̂_t = θ0 + m_t ∘ τ_MTL (+ r_t, the task's residual where the archive stores one: FORMAT.md
+        §11) for every tensor: original names, shapes and dtypes, on ``device`` (decoded there: a CUDA
+        device runs the decode in torch on the GPU). ``residual=False`` leaves the residual out (the
+        mask-only model).
 
         Tied tensors (role ``alias``) are the same tensor object, as in the original model.
 
             >>> sd = zoo.decode("sst2")                            # doctest: +SKIP
             >>> sd = zoo.decode("mnli", device="cuda")             # doctest: +SKIP
+            >>> masks_only = zoo.decode("mnli", residual=False)    # doctest: +SKIP
         """
-        return dict(self.iter_decode(task, device=device))
+        return dict(self.iter_decode(task, device=device, residual=residual))
 
-    def decode_tensor(self, task: str, name: str, *, device: str | torch.device | None = None) -> torch.Tensor:
-        """One tensor of one task model."""
+    def residual_info(self, task: str) -> dict[str, int]:
+        """What the archive stores of one task's residual (header only): ``entries`` and stored
+        ``bytes`` (positions and values), 0 and 0 without one.
+
+            >>> zoo.residual_info("sst2")                          # doctest: +SKIP
+            {'entries': 1234, 'bytes': 2345}
+        """
         i = self.task_index(task)
-        t = self.tensors.decode_entry(self.entry(name), i)
+        rs = [r for e in self.header.tensors if (r := e.residual(i)) is not None]
+        return {"entries": sum(r.count for r in rs), "bytes": sum(r.positions.length + r.values.length for r in rs)}
+
+    def decode_tensor(self, task: str, name: str, *, device: str | torch.device | None = None,
+                      residual: bool = True) -> torch.Tensor:
+        """One tensor of one task model (``residual``: as :meth:`decode`)."""
+        i = self.task_index(task)
+        t = self.tensors.decode_entry(self.entry(name), i, _flag("residual", residual))
         if t is None:
             raise InputError(f"{self.path}: task {task!r} has no tensor {name!r}")
         return t.to(device) if device is not None else t
@@ -254,17 +272,19 @@ class Archive:
         return out
 
     def decode_to(self, task: str, out: str | os.PathLike, *, max_shard_size: int | None = None,
-                  metadata: dict[str, str] | None = None, overwrite: bool = OVERWRITE) -> list[Path]:
+                  metadata: dict[str, str] | None = None, overwrite: bool = OVERWRITE,
+                  residual: bool = True) -> list[Path]:
         """Write one task model to ``out``: a ``.safetensors`` file, or a folder (HF-style, sharded
         above ``max_shard_size``, 5 GiB by default) with the task's stored files (config.json,
         tokenizer, …), so that ``from_pretrained(out)`` loads it. Streams tensor by tensor; each file
         is written atomically, and a folder this call created is removed if it fails. An existing
-        model at ``out`` is replaced only with ``overwrite=True``. Returns the files written.
+        model at ``out`` is replaced only with ``overwrite=True``. ``residual``: as :meth:`decode`.
+        Returns the files written.
 
             >>> zoo.decode_to("sst2", "sst2-model/")                  # doctest: +SKIP
         """
         i = self.task_index(task)
-        return self._write_model(out, self.iter_decode(task), self.model_entries(i), lambda: self.files(task),
+        return self._write_model(out, self.iter_decode(task, residual=residual), self.model_entries(i), lambda: self.files(task),
                                  max_shard_size, metadata, overwrite)
 
     def _write_model(self, out: str | os.PathLike, tensors: Iterator[tuple[str, torch.Tensor]],
@@ -313,7 +333,8 @@ class Archive:
         """A merged multi-task model (methods and their parameters: :data:`tallfmt.MERGES`):
         ``task_arithmetic`` θ0 + α·τ_MTL (``alpha``=0.4); ``consensus`` θ0 + α·(1{Σ_t m_t ≥ k} ∘ τ_MTL)
         (``k``=2, ``alpha``=0.4); ``zeroshot`` θ0. τ_MTL is the archive's (TIES-merged if it was encoded
-        with merge="ties"); α may be any finite float32 number (negative: task negation).
+        with merge="ties"); α may be any finite float32 number (negative: task negation). Merges
+        ignore the tasks' residuals (FORMAT.md §11): each is one task's correction, not part of τ_MTL.
 
         Tensors stored per task (:meth:`unmergeable`: heads, adapters, batch-norm statistics, tensors
         only some tasks have) cannot be merged: ``per_task="base"`` (the default) takes θ0's copy and
@@ -382,6 +403,12 @@ class Archive:
         n = len(self.tasks)
         return (f"<tallfmt.Archive {str(self.path)!r}: {n} task{'s' if n != 1 else ''}, {len(self._entries)} "
                 f"tensors{shards}>")
+
+
+def _flag(name: str, v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise InputError(f"{name} must be True or False, got {v!r}")
+    return v
 
 
 def _device(device: Any) -> torch.device | None:

@@ -214,6 +214,20 @@ class ArchiveTensors:
         tau = self.tau_context(e) if any(self.needs_tau(e, i) for i in range(len(self.tasks))) else None
         for i in range(len(self.tasks)):
             yield self.packed(e, i, tau)
+    def residual(self, e: TensorEntry, i: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """Task i's residual on masked tensor ``e``: (positions int64, values float32), checked (FORMAT.md
+        §11), or None when it has none."""
+        r = e.residual(i)
+        if r is None:
+            return None
+        keys = self._key(e, r.positions), self._key(e, r.values)
+        hit = [self.cache.get(k) for k in keys]
+        if hit[0] is not None and hit[1] is not None:
+            return hit[0], hit[1]
+        found = self.shard(e).residual(e, r)
+        for k, arr in zip(keys, found):  # kept beside θ0 and τ_MTL when it fits: a later decode reads it no more
+            self.cache.put(k, arr)
+        return found
 
     def counts(self, e: TensorEntry) -> np.ndarray:
         counts = np.zeros(e.numel, dtype=np.uint16)
@@ -222,8 +236,9 @@ class ArchiveTensors:
         return counts
 
     # --- task models ------------------------------------------------------------------------------
-    def decode_entry(self, e: TensorEntry, i: int | None) -> torch.Tensor | None:
-        """Tensor ``e`` of task i (None: θ0), or None when that checkpoint does not have it."""
+    def decode_entry(self, e: TensorEntry, i: int | None, residual: bool = True) -> torch.Tensor | None:
+        """Tensor ``e`` of task i (None: θ0), or None when that checkpoint does not have it; with the
+        task's residual unless ``residual=False``."""
         if e.role == "shared":
             return self.item_tensor(e, Item(e.dtype, e.shape, e.data))
         if e.role == "per_task":
@@ -235,42 +250,54 @@ class ArchiveTensors:
         base = planes_or_flat(self.decoded_now(e, e.base, d.itemsize), e.dtype)
         tau = planes_or_flat(self.decoded_now(e, e.tau, 4), "F32")
         out = empty(e.shape, e.dtype)
-        kernels.decode_into(base, tau, self.packed(e, i), storage_view(out), dtype=e.dtype, check_padding=False)
+        kernels.decode_into(base, tau, self.packed(e, i), storage_view(out), dtype=e.dtype, check_padding=False,
+                            residual=self.residual(e, i) if residual else None)
         return out
 
     def start_decode(self, jobs: Jobs, e: TensorEntry, i: int, device: torch.device | None,
-                     out: torch.Tensor | None = None) -> Future:
+                     out: torch.Tensor | None = None, residual: bool = True) -> Future:
         """Start decoding tensor ``e`` of task ``i``; a future of the tensor (None when the task does not
         have it). A masked tensor goes straight into ``out`` when given (a CPU tensor of its dtype and
-        shape, contiguous; other tensors ignore it) and comes back on ``device``."""
+        shape, contiguous; other tensors ignore it) and comes back on ``device``. The task's residual
+        is applied unless ``residual=False``."""
         if e.role != "masked" or (e.numel < SMALL_TENSOR and out is None and not self.use_torch(device)):
-            return jobs.submit(lambda: move(self.decode_entry(e, i), device))  # one job: less overhead
+            return jobs.submit(lambda: move(self.decode_entry(e, i, residual), device))  # one job: less overhead
         if self.needs_tau(e, i) and not self.use_torch(device):  # the mask waits for τ_MTL, decoded once
             tau_f = self.decoded(e, e.tau, 4, jobs)
             mask = jobs.after([tau_f], lambda: self.packed(e, i, self.tau_context(e, tau_f.result())))
         else:
             mask = jobs.submit(self.packed, e, i)
+        res = jobs.submit(self.residual, e, i) if residual and e.residual(i) is not None else done(None)
         if self.use_torch(device):
-            ins = [self.on_device(e, e.base, e.dtype, device, jobs), self.on_device(e, e.tau, "F32", device, jobs), mask]
+            ins = [self.on_device(e, e.base, e.dtype, device, jobs), self.on_device(e, e.tau, "F32", device, jobs),
+                   mask, res]
 
             def run_torch() -> torch.Tensor:
-                b, t, p = (f.result() for f in ins)
-                r = fused.decode(b, t, to_torch(p, by_name("U8")).to(device)).reshape(e.shape)
+                b, t, p, rv = (f.result() for f in ins)
+                packed = to_torch(p, by_name("U8")).to(device)
+                r = fused.decode(b, t, packed)
+                if rv is not None:  # the residual entries, recomputed from θ0 and τ_MTL: one rounding
+                    pos = torch.from_numpy(rv[0]).to(device)
+                    r[pos] = fused.residual_values(b, t, packed, pos, torch.from_numpy(rv[1]).to(device))
+                r = r.reshape(e.shape)
                 return r if out is None else out.copy_(r)
             return jobs.after(ins, run_torch)
         d = by_name(e.dtype)
-        ins = [self.decoded(e, e.base, d.itemsize, jobs), self.decoded(e, e.tau, 4, jobs), mask]
+        ins = [self.decoded(e, e.base, d.itemsize, jobs), self.decoded(e, e.tau, 4, jobs), mask, res]
         return jobs.after(ins, lambda: self._kernel(jobs, e, *(f.result() for f in ins), device, out))
 
     def _kernel(self, jobs: Jobs, e: TensorEntry, base: np.ndarray, tau: np.ndarray, packed: np.ndarray,
-                device: torch.device | None, out: torch.Tensor | None) -> Future | torch.Tensor:
-        """The numba decode over ranges of the tensor (into ``out`` or a new tensor), moved to ``device``."""
+                residual: tuple[np.ndarray, np.ndarray] | None, device: torch.device | None,
+                out: torch.Tensor | None) -> Future | torch.Tensor:
+        """The numba decode over ranges of the tensor (into ``out`` or a new tensor), moved to ``device``;
+        the kernel adds the residual entries of each range in its own pass (one rounding)."""
         res = out if out is not None else empty(e.shape, e.dtype)
         o = storage_view(res)
         b, t = planes_or_flat(base, e.dtype), planes_or_flat(tau, "F32")
 
         def run(a: int, z: int) -> None:
-            kernels.decode_into(b, t, packed, o, dtype=e.dtype, start=a, stop=z, check_padding=False)
+            kernels.decode_into(b, t, packed, o, dtype=e.dtype, start=a, stop=z, check_padding=False,
+                                residual=residual)
         fut = jobs.ranges(e.numel, KERNEL_STEP, run, res)
         if device is None or out is not None:
             return fut

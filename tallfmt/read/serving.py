@@ -226,7 +226,13 @@ def _same_resident(a: Any, b: Any) -> bool:
     if type(a) is not type(b):
         return False
     if isinstance(a, _Masked):
-        return all(_same(_np(x), _np(y)) for x, y in ((a.theta0, b.theta0), (a.theta1, b.theta1), (a.masks, b.masks)))
+        pairs = [(a.theta0, b.theta0), (a.theta1, b.theta1), (a.masks, b.masks)]
+        for ra, rb in zip(a.residuals, b.residuals):
+            if (ra is None) != (rb is None):
+                return False
+            if ra is not None:
+                pairs += [(ra[0], rb[0]), (ra[1], rb[1])]
+        return all(_same(_np(x), _np(y)) for x, y in pairs)
     return len(a.values) == len(b.values) and all(
         _same(a.values[a.group[k]], b.values[b.group[k]]) for k in range(len(a.values)))
 
@@ -241,11 +247,14 @@ class _Masked:
     theta0: Any          # flat storage: numpy on the CPU, a torch tensor on another device
     theta1: Any
     masks: Any           # (T, ⌈n/8⌉) packed masks, numpy or torch
-    group: list[int]     # per task, the first task with the same mask
+    group: list[int]     # per task, the first task with the same mask and residual
     on_device: bool
+    # per task: its residual's positions and decoded values (the dtype's storage), numpy or torch, or None
+    residuals: list[tuple[Any, Any] | None] = field(default_factory=list)
 
     def nbytes(self) -> int:
-        return sum(int(a.nbytes) for a in (self.theta0, self.theta1, self.masks))
+        return sum(int(a.nbytes) for a in (self.theta0, self.theta1, self.masks)) + sum(
+            int(p.nbytes) + int(v.nbytes) for r in self.residuals if r is not None for p, v in (r,))
 
 
 @dataclass
@@ -326,15 +335,23 @@ class Switcher:
                             dtype=e.dtype, check_padding=False)
         packed = list(t.all_packed(e))
         masks = np.stack(packed) if packed else np.zeros((0, (n + 7) // 8), np.uint8)
-        group = _groups(packed)
+        residuals = []
+        for i, p in enumerate(packed):  # each entry's decoded value, computed once (FORMAT.md §11)
+            r = t.residual(e, i)
+            residuals.append(None if r is None else (r[0], kernels.residual_values(
+                theta0, tau if tau.ndim == 2 else tau.view(np.float32), p, *r, dtype=e.dtype)))
+        # tasks share a group when their masks and residuals are equal: a switch between them writes nothing
+        group = _groups([p if r is None else np.concatenate([p, r[0].view(np.uint8), r[1].view(np.uint8)])
+                         for p, r in zip(packed, residuals)])
         dev = row.tensors[0].device if row.tensors else torch.device("cpu")
         if dev.type == "cpu" and not self._torch:
-            return _Masked(row, theta0.copy(), theta1, masks, group, False)
+            return _Masked(row, theta0.copy(), theta1, masks, group, False, residuals)
         d = by_name(e.dtype)
 
         def put(a: np.ndarray) -> torch.Tensor:
             return to_torch(a, d).to(dev)
-        return _Masked(row, put(theta0), put(theta1), torch.from_numpy(masks).to(dev), group, True)
+        on_dev = [None if r is None else (torch.from_numpy(r[0]).to(dev), put(r[1])) for r in residuals]
+        return _Masked(row, put(theta0), put(theta1), torch.from_numpy(masks).to(dev), group, True, on_dev)
 
     @property
     def task(self) -> str | None:
@@ -383,6 +400,7 @@ class Switcher:
             return
         with Jobs(self.threads) as jobs:
             futures = []
+            written: list[tuple[_Masked, np.ndarray | None]] = []
             for m in todo:
                 outs = [(tgt, storage_view(tgt)) for tgt in m.row.tensors]
                 for tgt, view in outs:
@@ -392,19 +410,28 @@ class Switcher:
                         kernels.select_into(m.theta1, m.theta0, m.masks[i], buf, start=a, stop=z, check_padding=False)
                     fut = jobs.ranges(m.row.entry.numel, KERNEL_STEP, run)
                     futures.append((fut, tgt, None if view is not None else buf))
-            for fut, tgt, buf in futures:
+                    written.append((m, view))
+            for (fut, tgt, buf), (m, view) in zip(futures, written):
                 fut.result()
+                r = m.residuals[i] if m.residuals else None
+                if r is not None:  # the task's residual entries, after the select of the whole tensor
+                    (view if view is not None else buf)[r[0]] = r[1]
                 if buf is not None:  # a tensor that is not contiguous: selected beside it, then copied
                     tgt.copy_(torch.from_numpy(buf.view(np.uint8)).view(tgt.dtype).reshape(tgt.shape))
             _written(t for m in todo for t in m.row.tensors)
 
     def _select_torch(self, i: int, m: _Masked) -> None:
         bits = fused.unpack_bits(m.masks[i], m.row.entry.numel)
+        r = m.residuals[i] if m.residuals else None
         for tgt in m.row.tensors:
             if tgt.is_contiguous():
-                fused.select(bits, m.theta1, m.theta0, out=tgt.view(-1))
+                flat = fused.select(bits, m.theta1, m.theta0, out=tgt.view(-1))
             else:
-                tgt.copy_(fused.select(bits, m.theta1, m.theta0).reshape(tgt.shape))
+                flat = fused.select(bits, m.theta1, m.theta0)
+            if r is not None:
+                flat[r[0]] = r[1]
+            if not tgt.is_contiguous():
+                tgt.copy_(flat.reshape(tgt.shape))
         _written(m.row.tensors)
 
     def __repr__(self) -> str:

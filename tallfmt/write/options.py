@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from fractions import Fraction
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -22,6 +23,15 @@ SCOPES = ("global", "per_tensor")
 MISMATCH = ("error", "per_task")
 #: Storage dtypes ``dtype=`` can cast every float tensor to (the maskable ones, FORMAT.md §2).
 CAST_DTYPES = ("F32", "F16", "BF16")
+#: Residuals (FORMAT.md §11): the value dtype written, and the cost per entry the budget assumes — an
+#: estimate, not a measurement: bfloat16 values take 8–9.5 bits and u32 gaps 4.3–8.1 bits per entry
+#: after byteplane-zstd (bench/RESULTS.md "Residual study"), 13.8–16.4 in all, so a budget of b bits
+#: per masked parameter stores k = ⌊b·N / 16⌋ entries (N: the archive's masked parameters). The
+#: report and ``tallfmt info`` show the bytes actually stored.
+RESIDUAL_DTYPE = "BF16"
+RESIDUAL_BITS_PER_ENTRY = 16
+#: The largest budget accepted (bits per masked parameter): a dense float32 correction costs 32.
+MAX_RESIDUAL_BITS = 32.0
 _DTYPE_ALIASES = {"FLOAT32": "F32", "FLOAT": "F32", "FP32": "F32", "FLOAT16": "F16", "HALF": "F16", "FP16": "F16",
                   "BFLOAT16": "BF16"}
 
@@ -56,6 +66,7 @@ class EncodeOptions:
     dtype: str | None = None                # cast every float tensor of every input to this dtype first
     prefix_map: Mapping[str, str] | None = None   # rename θ0's tensors: a name starting with OLD gets NEW
     files: bool = True                      # store the non-weight files of folder inputs (FORMAT.md §10)
+    residual: Any = None                    # residual budget, bits per masked parameter: one number or {task: number}
     tasks: tuple[str, ...] = field(default=(), repr=False)  # filled by check()
 
     @classmethod
@@ -92,7 +103,20 @@ class EncodeOptions:
                        lambdas=_lambdas(o.lambdas, names) if o.mask_method == "tall" else {},
                        device=_device(o.device), metadata=meta, per_task=tuple(o.per_task),
                        chunk_size=o.chunk_size // 8 * 8, dtype=cast_dtype(o.dtype),
-                       prefix_map=_prefix_map(o.prefix_map))
+                       prefix_map=_prefix_map(o.prefix_map), residual=_residual(o.residual, names))
+
+    @property
+    def residual_on(self) -> bool:
+        """Whether some task gets a residual budget (> 0): the encode then selects residual entries."""
+        return any(b > 0 for b in self.residual.values())
+
+    def residual_count(self, task: str, masked: int) -> int:
+        """k for one task: ⌊bits · N / RESIDUAL_BITS_PER_ENTRY⌋ entries over N masked parameters.
+
+            >>> EncodeOptions.check(["a"], residual=0.5).residual_count("a", 1000)
+            31
+        """
+        return math.floor(Fraction(repr(self.residual.get(task, 0.0))) * masked / RESIDUAL_BITS_PER_ENTRY)
 
     @property
     def global_ties(self) -> bool:
@@ -166,6 +190,26 @@ def _lambdas(lambdas: Any, tasks: tuple[str, ...]) -> dict[str, float]:
         if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or v <= 0 \
                 or not fits_float32(v):  # the masks use float32(λ), FORMAT.md §4.3
             raise InputError(f"lambda for task {t!r} must be a finite number > 0 that fits in float32, got {v!r}")
+    return {t: float(v) for t, v in out.items()}
+
+
+def _residual(residual: Any, tasks: tuple[str, ...]) -> dict[str, float]:
+    """The residual budget per task (bits per masked parameter, 0 for none): None, one number for every
+    task, or {task: number} (tasks left out get none)."""
+    if residual is None:
+        return {t: 0.0 for t in tasks}
+    if isinstance(residual, Mapping):
+        unknown = [t for t in residual if t not in tasks]
+        if unknown:
+            raise InputError(f"residual names unknown task(s) {sorted(map(str, unknown))}")
+        out = {t: residual.get(t, 0.0) for t in tasks}
+    else:
+        out = {t: residual for t in tasks}
+    for t, v in out.items():
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) \
+                or not 0 <= v <= MAX_RESIDUAL_BITS:
+            raise InputError(f"residual for task {t!r} must be a number of bits per masked parameter in "
+                             f"[0, {MAX_RESIDUAL_BITS:g}], got {v!r}")
     return {t: float(v) for t, v in out.items()}
 
 

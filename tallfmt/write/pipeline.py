@@ -12,6 +12,7 @@ archive (FORMAT.md §9), written without an index.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 import uuid
@@ -36,7 +37,8 @@ from tallfmt.write.options import DEFAULTS, EncodeOptions
 from tallfmt.write.plan import group_into_shards, plan_metadata, stored_bytes
 from tallfmt.write.report import EncodeReport, RoleSummary
 from tallfmt.write.runners import Runner, portable_source, runner_for
-from tallfmt.write.shard import ShardJob, ShardResult, encode_shard, shard_lo, shard_pass1
+from tallfmt.write import residuals
+from tallfmt.write.shard import ShardJob, ShardResult, encode_shard, shard_lo, shard_pass1, shard_residual
 
 #: progress(advance, total): bytes of input processed since the last call, and the total over all passes.
 ProgressFn = Callable[[int, int], None]
@@ -51,6 +53,7 @@ def encode(base: Any, tasks: Mapping[str, Any], path: str | os.PathLike, *, merg
            per_task: Any = DEFAULTS.per_task, metadata: Mapping[str, str] | None = DEFAULTS.metadata,
            chunk_size: int = DEFAULTS.chunk_size, dtype: str | None = DEFAULTS.dtype,
            prefix_map: Mapping[str, str] | None = DEFAULTS.prefix_map, files: bool = DEFAULTS.files,
+           residual: float | Mapping[str, float] | None = DEFAULTS.residual,
            overwrite: bool = OVERWRITE, progress: ProgressFn | None = None,
            shards: int | None = None, max_shard_size: int | None = None, scheduler: Any = None,
            retries: int = 3, threads: int | None = None) -> EncodeReport:
@@ -77,6 +80,12 @@ def encode(base: Any, tasks: Mapping[str, Any], path: str | os.PathLike, *, merg
     ``path`` is refused unless ``overwrite=True`` (as the CLI's --force), and so is a ``path`` that is
     one of the inputs.
 
+    ``residual`` (bits per masked parameter, one number or ``{task: bits}``; tasks left out get none)
+    stores, per task, the entries of largest |τ_t − m_t∘τ_MTL| over all masked tensors as a sparse
+    correction that decodes add (FORMAT.md §11; the archive is then version 1.2): k = ⌊bits · N / 16⌋
+    entries for N masked parameters, 16 bits being the estimated cost of one entry. The report's
+    ``task_stats`` then give each task's ``rel_error`` with and ``rel_error_mask`` without it.
+
     ``shards=N`` or ``max_shard_size=BYTES`` make ``path`` a folder of shard files plus
     ``tall.index.json`` (FORMAT.md §9); ``scheduler`` (a ``dask.distributed.Client`` or a scheduler
     address) runs the per-shard work on a Dask cluster, retrying a failed task up to ``retries``
@@ -94,7 +103,7 @@ def encode(base: Any, tasks: Mapping[str, Any], path: str | os.PathLike, *, merg
                                ties_agg=ties_agg, ties_scope=ties_scope, mask_method=mask_method,
                                mask_density=mask_density, mask_scope=mask_scope, codec=codec, mask_codec=mask_codec, device=device,
                                mismatch=mismatch, per_task=per_task, metadata=metadata, chunk_size=chunk_size,
-                               dtype=dtype, prefix_map=prefix_map, files=files)
+                               dtype=dtype, prefix_map=prefix_map, files=files, residual=residual)
     sharded = shards is not None or max_shard_size is not None or scheduler is not None
     if shards is not None and max_shard_size is not None:
         raise InputError("pass shards= or max_shard_size=, not both")
@@ -191,11 +200,12 @@ def _drive(runner: Runner, base_src: Any, task_srcs: tuple[tuple[str, Any], ...]
     else:
         groups = [plans]
     jobs = [ShardJob(base_src, task_srcs, opts, tuple(g), threads, None if sharded else files) for g in groups]
-    passes = 2 if opts.global_steps() else 1
+    passes = (2 if opts.global_steps() else 1) + (2 if opts.residual_on else 0)
     meter = _Meter(progress, input_bytes * passes, runner, [sum(tensor_bytes[p.name] for p in g) for g in groups])
 
     # 2. global thresholds: roles and histograms in one map over shards, then a reduce
     jobs, thresholds, index_thresholds = _global_thresholds(runner, jobs, opts, windows, meter)
+    jobs, thresholds = _residual_limits(runner, jobs, opts, thresholds, meter)
 
     # 3. encode every shard: the single file straight to its path, shards to temporary names
     if not sharded:
@@ -287,3 +297,29 @@ def _global_thresholds(runner: Runner, jobs: list[ShardJob], opts: EncodeOptions
         index_values[step] = tuple(row)
         thresholds[step] = th.as_tensor(row)
     return jobs, thresholds, index_values
+
+
+def _residual_limits(runner: Runner, jobs: list[ShardJob], opts: EncodeOptions,
+                     thresholds: dict[str, torch.Tensor | None], meter: _Meter
+                     ) -> tuple[list[ShardJob], dict[str, torch.Tensor | None]]:
+    """Each task's residual limit v_t (FORMAT.md §11; residuals.py says how): the top-16-bit histograms
+    of |d_t| in one map over shards (which also decides the roles still open), then the low bits inside
+    the chosen bins in a second. Returns the jobs with their roles and the thresholds with "residual"
+    (float32 per task, +inf where a task keeps nothing)."""
+    if not opts.residual_on:
+        return jobs, thresholds
+    parts = runner.map("residual", shard_residual, [(j, thresholds, None, meter.per_tensor) for j in jobs],
+                       meter.shard_done)
+    jobs = [replace(j, plans=tuple(p.with_role(r) for p, r in zip(j.plans, part.roles))) for j, part in zip(jobs, parts)]
+    hi = sum(part.hist for part in parts)
+    total = sum(part.masked for part in parts)
+    counts = [opts.residual_count(t, total) for t in opts.tasks]
+    bins = residuals.first_bins(hi, counts)
+    if all(b is None for b in bins):
+        limits = [math.inf] * len(bins)
+    else:
+        lo = sum(part.hist for part in runner.map(
+            "residual_lo", shard_residual, [(j, thresholds, [b[0] if b else 0 for b in bins], meter.per_tensor)
+                                            for j in jobs], meter.shard_done))
+        limits = residuals.thresholds(bins, lo, hi, counts)
+    return jobs, {**thresholds, "residual": torch.tensor(limits, dtype=torch.float32)}

@@ -21,8 +21,9 @@ import torch
 from tallfmt.compute import maskmath
 from tallfmt.format.container import ContainerWriter
 from tallfmt.format.files import Files
-from tallfmt.format.header import Header, TaskEntry, version_of_tensors
+from tallfmt.format.header import Header, TaskEntry, header_version
 from tallfmt.format.index import read_header_xxh3, shard_name
+from tallfmt.write import residuals
 from tallfmt.write import thresholds as th
 from tallfmt.write.inputs import Inputs, open_inputs
 from tallfmt.write.options import EncodeOptions
@@ -106,6 +107,16 @@ def shard_lo(job: ShardJob, bins: list[list[int]]) -> np.ndarray:
                           o.chunk_size)
 
 
+def shard_residual(job: ShardJob, thresholds: dict[str, torch.Tensor | None], bins: list[int] | None = None,
+                   progress: Progress = None) -> residuals.Scan:
+    """The residual histograms of the shard (FORMAT.md §11): of the top 16 bits of |d_t| (``bins`` None;
+    roles not decided yet are decided here), or of the low 16 bits inside ``bins`` (masked tensors only)."""
+    with _opened(job) as inputs:
+        enc = TensorEncoder(inputs, job.options, thresholds)
+        plans = job.plans if bins is None else [p for p in job.plans if p.role == "masked"]
+        return residuals.scan(inputs, plans, enc, job.options, bins, progress)
+
+
 def encode_shard(job: ShardJob, thresholds: dict[str, torch.Tensor | None], path: str | Path,
                  overwrite: bool = True, progress: Progress = None, number: tuple[int, int] | None = None
                  ) -> ShardResult:
@@ -130,6 +141,6 @@ def encode_shard(job: ShardJob, thresholds: dict[str, torch.Tensor | None], path
         tasks = tuple(TaskEntry(t, opts.lambdas.get(t), enc.stats[i].result()) for i, t in enumerate(opts.tasks))
         name = None if number is None else (lambda h: shard_name(*number, h))
         final = writer.finish(Header(tasks, opts.encoding(), tuple(entries), dict(opts.metadata),
-                                     version_of_tensors(entries), job.files), name)
+                                     header_version(entries), job.files), name)
     return ShardResult(str(final), final.stat().st_size, read_header_xxh3(final), enc.stats,
                        RoleSummary.of(entries))

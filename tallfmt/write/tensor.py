@@ -10,6 +10,7 @@ devices it runs in torch (:mod:`tallfmt.compute.maskmath`). Both give the same b
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,10 +24,11 @@ from tallfmt.errors import InputError
 from tallfmt.format import codecs
 from tallfmt.format.container import ContainerWriter
 from tallfmt.format.dtypes import by_name
-from tallfmt.format.header import Item, TensorEntry
+from tallfmt.format.header import Item, Residual, TensorEntry
 from tallfmt.write.inputs import Inputs, flat
 from tallfmt.write.options import EncodeOptions
 from tallfmt.write.plan import TensorPlan
+from tallfmt.write import residuals
 from tallfmt.write import thresholds as th
 from tallfmt.write.thresholds import tensor_thresholds
 
@@ -56,6 +58,8 @@ class Prepared:
     items: list[tuple[str, tuple[int, ...]] | None] = field(default_factory=list)  # per_task: base, then tasks
     stored: list[tuple[list, int, str]] = field(default_factory=list)              # (parts, decoded length, codec)
     stats: np.ndarray | None = None                                                # masked: float64 [T, 5]
+    residuals: list[tuple[int, str] | None] = field(default_factory=list)         # masked: per task (count, dtype)
+    residual_sums: list[tuple[float, int]] = field(default_factory=list)           # per task (ΔΣ err², entries)
 
 
 class TensorEncoder:
@@ -106,7 +110,9 @@ class TensorEncoder:
         self._store(out, raw, by_name(dt).itemsize)
         return dt, tuple(shape)
 
-    def _masked(self, out: Prepared, p: TensorPlan) -> None:
+    def masked_math(self, p: TensorPlan) -> tuple[np.ndarray, Sequence[np.ndarray], np.ndarray]:
+        """τ_MTL (float32[n]), the T packed masks and the statistics [T, 5] of a masked tensor, on this
+        encoder's device (the fused kernel on the CPU, torch elsewhere: the same bits)."""
         o = self.opts
         ties_thr, mag_thr = self.thresholds.get("ties"), self.thresholds.get("magnitude")
         if o.merge == "ties" and o.ties_scope == "per_tensor":
@@ -114,13 +120,26 @@ class TensorEncoder:
         if o.mask_method == "magnitude" and o.mask_scope == "per_tensor":
             mag_thr = tensor_thresholds(self.inputs, p, o.mask_density, self.device, o.chunk_size)
         masked = self._fused if th.fused_on(self.device) else self._torch
-        tau, masks, stats = masked(p, ties_thr, mag_thr)
+        return masked(p, ties_thr, mag_thr)
+
+    def _masked(self, out: Prepared, p: TensorPlan) -> None:
+        tau, masks, stats = self.masked_math(p)
         self._store(out, tau, 4)
         mask_codec = codecs.choose_mask(o.mask_codec, o.codec)
         context = tau if codecs.context_of(mask_codec) == "tau" else None  # τ_MTL exactly as stored
         for m in masks:
             self._store(out, m, 1, mask_codec, context)
         out.stats = stats
+        limits = self.thresholds.get("residual")
+        if limits is None:
+            return
+        found = residuals.select(self.inputs, p, tau, masks, limits.tolist(), self.opts.chunk_size, self.sources)
+        for t, r in enumerate(found):
+            out.residuals.append(None if r is None else (r.count, residuals.VALUE_DTYPE))
+            if r is not None:
+                self._store(out, r.gaps, r.gaps.dtype.itemsize)
+                self._store(out, r.values, 2)
+            out.residual_sums.append((r.delta_err2, r.count) if r is not None else (0.0, 0))
 
     def _fused(self, p: TensorPlan, ties_thr: torch.Tensor | None, mag_thr: torch.Tensor | None
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -209,5 +228,11 @@ class TensorEncoder:
             return TensorEntry(p.name, "shared", p.dtype, p.shape, data=segs[0])
         for t, s in enumerate(self.stats):
             s.add(prep.stats[t], p.numel)
-        return TensorEntry(p.name, "masked", p.dtype, p.shape, base=segs[0], tau=segs[1], masks=tuple(segs[2:]))
+            if prep.residual_sums:
+                s.add_residual(*prep.residual_sums[t])
+        nt = len(self.stats)
+        rest = iter(segs[2 + nt:])
+        found = tuple(None if r is None else Residual(r[0], r[1], next(rest), next(rest)) for r in prep.residuals)
+        return TensorEntry(p.name, "masked", p.dtype, p.shape, base=segs[0], tau=segs[1], masks=tuple(segs[2:2 + nt]),
+                           residuals=found if any(r is not None for r in found) else ())
 

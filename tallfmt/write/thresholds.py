@@ -65,7 +65,7 @@ def _abs_bits(inputs: Inputs, plan: TensorPlan, device: torch.device, s: int, e:
     return out, differs
 
 
-def _from_top(hist: np.ndarray, k: int) -> tuple[int, int]:
+def from_top(hist: np.ndarray, k: int) -> tuple[int, int]:
     """The highest bin b with at least k entries in bins ≥ b, and how many entries lie above b."""
     cum = np.cumsum(hist[::-1])
     j = min(int(np.searchsorted(cum, k)), cum.shape[0] - 1)  # k beyond the count: bin 0 (scaled samples only)
@@ -85,7 +85,7 @@ def tensor_thresholds(inputs: Inputs, plan: TensorPlan, density: float, device: 
     k = maskmath.topk_count(n, density)
     hi = np.zeros((nt, HI), dtype=np.int64)
     _accumulate(inputs, plan, device, chunk, hi, None, None, np.zeros(nt, np.uint8))
-    bins = [_from_top(hi[t], k) for t in range(nt)] if k else [(0, 0)] * nt
+    bins = [from_top(hi[t], k) for t in range(nt)] if k else [(0, 0)] * nt
     lo = lo_pass(inputs, [plan], [[b for b, _ in bins]], device, chunk)[0] if k else None
     out = []
     for t in range(nt):
@@ -93,7 +93,7 @@ def tensor_thresholds(inputs: Inputs, plan: TensorPlan, density: float, device: 
             out.append(math.inf)
             continue
         b, above = bins[t]
-        low, _ = _from_top(lo[t, 1:HI + 1], k - above)
+        low, _ = from_top(lo[t, 1:HI + 1], k - above)
         out.append(_bits_to_float((b << 16) | low))
     return torch.tensor(out, dtype=torch.float32, device=device)
 
@@ -194,7 +194,7 @@ def sample_windows(inputs: Inputs, plans: Sequence[TensorPlan], densities: Seque
         for t in range(nt):
             # k lies between the count over the candidates that differ in the sample and over all of them
             ks = [maskmath.topk_count(n, density) for n in (differing, total)]
-            bins = [_from_top(hist[t] * scale, k)[0] for k in ks if k > 0]
+            bins = [from_top(hist[t] * scale, k)[0] for k in ks if k > 0]
             if bins:
                 mid = (min(bins) + max(bins)) // 2
                 starts[s, t] = min(max(0, mid - width // 2), HI - width)
@@ -256,10 +256,10 @@ def choose(hi: np.ndarray, lo: np.ndarray, windows: Windows, densities: Sequence
             if k == 0:
                 row.append(None)
                 continue
-            b, above = _from_top(hi[t], k)
+            b, above = from_top(hi[t], k)
             w = b - int(windows.starts[s, t])
             if 0 <= w < windows.width:
-                low, _ = _from_top(lo[s, t, w], k - above)
+                low, _ = from_top(lo[s, t, w], k - above)
                 row.append(_bits_to_float((b << 16) | low))
             else:
                 row.append(-1.0)
@@ -271,7 +271,7 @@ def choose(hi: np.ndarray, lo: np.ndarray, windows: Windows, densities: Sequence
 def choose_bin(hist: np.ndarray, total: int, density: float) -> int:
     """The top-16-bit bin that holds one task's k-th largest |τ_t| (any bin when k = 0)."""
     k = maskmath.topk_count(total, density)
-    return _from_top(hist, k)[0] if k else 0
+    return from_top(hist, k)[0] if k else 0
 
 
 def settle(values: list[list[float | None]], misses: Sequence[tuple[int, int, int, int]], lo: np.ndarray,
@@ -279,7 +279,7 @@ def settle(values: list[list[float | None]], misses: Sequence[tuple[int, int, in
     """Fill in the missed thresholds from a lo_pass over the true bins (``lo``: (S, T, HI + 2))."""
     for s, t, b, above in misses:
         k = maskmath.topk_count(total, densities[s])
-        low, _ = _from_top(lo[s, t, 1:HI + 1], k - above)
+        low, _ = from_top(lo[s, t, 1:HI + 1], k - above)
         values[s][t] = _bits_to_float((b << 16) | low)
 
 
