@@ -125,7 +125,7 @@ class TensorEncoder:
     def _masked(self, out: Prepared, p: TensorPlan) -> None:
         tau, masks, stats = self.masked_math(p)
         self._store(out, tau, 4)
-        mask_codec = codecs.choose_mask(o.mask_codec, o.codec)
+        mask_codec = codecs.choose_mask(self.opts.mask_codec, self.opts.codec)
         context = tau if codecs.context_of(mask_codec) == "tau" else None  # τ_MTL exactly as stored
         for m in masks:
             self._store(out, m, 1, mask_codec, context)
