@@ -1128,16 +1128,16 @@ def accept_cases() -> None:
     tensors = [natural("w", "F32", (3, 5), [0.4, 0.4], codec="raw"), Shared("pos", "I64", (3,), np.arange(3, dtype="<i8").tobytes()),
                PerTask("head", None, [Item("F32", (2,), f32_bytes([1, 2])), None]), Alias("tied", "w")]
     accept("newer_minor", "§7 (a newer minor adds keys; a reader ignores those it does not know)",
-           "version 1.1 (preamble and header) with unknown keys at the top level, in tasks, encoding, every kind of "
+           "version 1.9 (preamble and header) with unknown keys at the top level, in tasks, encoding, every kind of "
            "tensor row, a per_task item and segments", [task_json("a", 0.4), task_json("b", 0.4)], ENC_TA, tensors,
-           {"k": "v"}, minor=1, header_fn=unknown_keys)
+           {"k": "v"}, minor=9, header_fn=unknown_keys)
 
     def method_keys(h: dict) -> None:
         h["encoding"]["merge"]["x_param"] = 1
         h["encoding"]["mask"]["x_param"] = "y"
     accept("newer_minor_method_keys", "§7 (unknown keys inside encoding.merge / encoding.mask)",
-           "version 1.2 with unknown keys inside encoding.merge (task_arithmetic) and encoding.mask (tall)",
-           [task_json("a", 0.4)], ENC_TA, [natural("w", "F32", (4,), [0.4], codec="raw")], minor=2, header_fn=method_keys)
+           "version 1.9 with unknown keys inside encoding.merge (task_arithmetic) and encoding.mask (tall)",
+           [task_json("a", 0.4)], ENC_TA, [natural("w", "F32", (4,), [0.4], codec="raw")], minor=9, header_fn=method_keys)
 
     def deep(h: dict) -> None:
         v: Any = "leaf"
@@ -1658,6 +1658,25 @@ def refuse_cases() -> None:
          "version 1.1 with role 'lora'", "tensors[4].role", rule=rule + " (§7)", minor=1)
     case("newer_minor_unknown_dtype", lambda h: h["tensors"][2].__setitem__("dtype", "F4"),
          "version 1.1 with dtype 'F4'", "tensors[2].dtype", rule=rule + " (§7)", minor=1)
+    case("tau_dtype_in_1_1", lambda h: h["encoding"].__setitem__("tau_dtype", "BF16"),
+         "encoding.tau_dtype (a 1.2 key) in a version 1.1 file", "encoding.tau_dtype", rule=rule + " (§7)", minor=1)
+    case("tau_dtype_unknown", lambda h: h["encoding"].__setitem__("tau_dtype", "F16"),
+         "version 1.2 with encoding.tau_dtype 'F16' (F32 and BF16 only)", "encoding.tau_dtype",
+         rule="encoding.tau_dtype not F32 or BF16 (§6)", minor=2)
+    def baseref(h: dict, **extra: Any) -> None:  # θ0 of 'w' (F32 [3, 5]) kept outside: a BASEREF, FORMAT.md §2.1
+        h["tensors"][0]["base"] = {"decoded_length": 60, "xxh3": "0123456789abcdef", **extra}
+    case("baseref_in_1_1", baseref, "a BASEREF (θ0 kept outside, a 1.2 feature) in a version 1.1 file: a segment "
+         "without offset, length, codec", "tensors[0].base", rule=rule + " (§2.1, §7)", minor=1)
+    case("baseref_extra_key", lambda h: baseref(h, codec="raw"), "version 1.2, a BASEREF with a 'codec' key",
+         "tensors[0].base.codec", rule="BASEREF keys (§2.1)", minor=2)
+    case("baseref_wrong_length", lambda h: baseref(h, decoded_length=64), "version 1.2, a BASEREF of 64 bytes for "
+         "an F32 [3, 5] tensor (60)", "tensors[0].base.decoded_length", rule="decoded_length ≠ shape × dtype (§2.1, §6)",
+         minor=2)
+    case("baseref_bad_xxh3", lambda h: baseref(h, xxh3="0123456789ABCDEF"), "version 1.2, a BASEREF whose xxh3 has "
+         "upper-case digits", "tensors[0].base.xxh3", rule="BASEREF keys (§2.1)", minor=2)
+    case("tau_dtype_bf16_tau_4n", lambda h: h["encoding"].__setitem__("tau_dtype", "BF16"),
+         "version 1.2, encoding.tau_dtype BF16 with an F32-sized tau segment (decoded_length 4n, not 2n)",
+         "tensors[0].tau.decoded_length", rule="decoded_length ≠ shape × dtype (§2, §6)", minor=2)
 
     # --- version ------------------------------------------------------------------------
     rule = "bad version"

@@ -33,9 +33,10 @@ from tallfmt.errors import FormatError, InputError
 from tallfmt.format.codecs import BytePlaneZstdCodec, get_codec, zstd_decompress_into
 from tallfmt.format.container import ContainerReader
 from tallfmt.format.dtypes import by_name
-from tallfmt.format.header import Item, Segment, TensorEntry
+from tallfmt.format.header import BaseRef, Item, Segment, TensorEntry
 from tallfmt.format.layout import Layout
 from tallfmt.format.planes import merge_planes
+from tallfmt.read.base import ExternalBase, no_base_error
 from tallfmt.read.cache import SegmentCache
 from tallfmt.read.defaults import AHEAD_BYTES, KERNEL_STEP, SMALL_TENSOR, check_kernel
 from tallfmt.read.jobs import Jobs, done
@@ -71,6 +72,17 @@ def planes_or_flat(arr: np.ndarray, dtype: str) -> np.ndarray:
     return arr if arr.ndim == 2 else arr.view(by_name(dtype).storage)
 
 
+def widen_tau(arr: np.ndarray) -> np.ndarray:
+    """A decoded BF16 τ_MTL segment as float32 the way the kernels take it (FORMAT.md §4.4: the
+    bfloat16 bits b are the float32 bits b·2¹⁶, exact): byte planes (2, n) become float32 planes (4, n)
+    whose two low planes are zero; bytes become the float32 values' bytes."""
+    if arr.ndim == 2:
+        out = np.zeros((4, arr.shape[1]), dtype=np.uint8)
+        out[2:] = arr
+        return out
+    return (arr.view(np.uint16).astype(np.uint32) << 16).view(np.uint8)
+
+
 def flat(arr: np.ndarray, dtype: str) -> np.ndarray:
     """A decoded segment as ``dtype``'s storage (byte planes merged)."""
     return (merge_planes(arr) if arr.ndim == 2 else arr).view(by_name(dtype).storage)
@@ -79,8 +91,10 @@ def flat(arr: np.ndarray, dtype: str) -> np.ndarray:
 class ArchiveTensors:
     """Reads tensors of a layout (one file, or shards), each from the shard that holds it."""
 
-    def __init__(self, layout: Layout, threads: int, cache: SegmentCache | None = None, kernel: str = "auto") -> None:
+    def __init__(self, layout: Layout, threads: int, cache: SegmentCache | None = None, kernel: str = "auto",
+                 base: ExternalBase | None = None) -> None:
         self.layout, self.threads, self.kernel = layout, threads, check_kernel(kernel)
+        self.base = base  # θ0 given by the reader, for rows whose θ0 is a BaseRef (FORMAT.md §2.1)
         self.cache = cache if cache is not None else SegmentCache(0)
         self.header = layout.header
         self.tasks = layout.header.task_names
@@ -93,9 +107,17 @@ class ArchiveTensors:
     def resolve(self, e: TensorEntry) -> TensorEntry:
         return self.entries[e.target] if e.role == "alias" else e
 
-    def array(self, e: TensorEntry, seg: Segment, dtype: str) -> np.ndarray:
-        """Segment ``seg`` of tensor ``e``, read from the shard holding ``e``."""
+    def array(self, e: TensorEntry, seg: Segment | BaseRef, dtype: str) -> np.ndarray:
+        """Segment ``seg`` of tensor ``e``, read from the shard holding ``e`` (a BaseRef: from the base)."""
+        if isinstance(seg, BaseRef):
+            return self.external(e).view(by_name(dtype).storage)
         return self.shard(e).read_array(seg, dtype)
+
+    def external(self, e: TensorEntry) -> np.ndarray:
+        """θ0's bytes of ``e`` from the base the archive was opened with (checked then)."""
+        if self.base is None:
+            raise no_base_error(self.layout.path)
+        return self.base.bytes(e.name)
 
     def item_tensor(self, e: TensorEntry, item: Item) -> torch.Tensor:
         d = by_name(item.dtype)
@@ -117,7 +139,9 @@ class ArchiveTensors:
         """The array a segment decodes into and the jobs that fill it (checksum verified first).
 
         byteplane-zstd: an (itemsize, n) array of planes, one job per plane; raw: a view, no job;
-        any other codec: its decoded bytes, one job."""
+        any other codec: its decoded bytes, one job; a BaseRef: the base's bytes, no job."""
+        if isinstance(seg, BaseRef):
+            return self.external(e), []
         r = self.shard(e)
         r.check_budget(seg)
         codec = get_codec(seg.codec)
@@ -180,6 +204,53 @@ class ArchiveTensors:
         self.cache.put(key, arr)
         return arr
 
+    def tau_decoded(self, e: TensorEntry, jobs: Jobs) -> Future:
+        """A future of τ_MTL's decoded segment as float32 (planes or bytes), cached as that: a BF16 τ is
+        widened once (:func:`widen_tau`)."""
+        if e.tau_dtype == "F32":
+            return self.decoded(e, e.tau, 4, jobs)
+        key = (*self._key(e, e.tau), "F32")
+        hit = self.cache.get(key)
+        if hit is not None:
+            return done(hit)
+        raw = self.decoded(e, e.tau, 2, jobs, keep=False)
+
+        def widen() -> np.ndarray:
+            w = widen_tau(raw.result())
+            self.cache.put(key, w)
+            return w
+        return jobs.after([raw], widen)
+
+    def tau_now(self, e: TensorEntry) -> np.ndarray:
+        """:meth:`tau_decoded`, in this thread."""
+        if e.tau_dtype == "F32":
+            return self.decoded_now(e, e.tau, 4)
+        key = (*self._key(e, e.tau), "F32")
+        hit = self.cache.get(key)
+        if hit is None:
+            arr, work = self._plan(e, e.tau, 2)
+            for w in work:
+                w()
+            hit = widen_tau(arr)
+            self.cache.put(key, hit)
+        return hit
+
+    def tau_on_device(self, e: TensorEntry, device: torch.device | None, jobs: Jobs) -> Future:
+        """A future of τ_MTL as a flat float32 tensor on ``device``, cached there (:meth:`on_device`)."""
+        if e.tau_dtype == "F32":
+            return self.on_device(e, e.tau, "F32", device, jobs)
+        key = (*self._key(e, e.tau), "F32", str(device))
+        hit = self.cache.get(key)
+        if hit is not None:
+            return done(hit)
+        host = self.decoded(e, e.tau, 2, jobs, keep=False)
+
+        def move() -> torch.Tensor:
+            t = self.device_tensor(host.result(), e.tau_dtype, device).float()
+            self.cache.put(key, t)
+            return t
+        return jobs.after([host], move)
+
     def theta0(self, e: TensorEntry) -> np.ndarray:
         """θ0 of a masked tensor: its dtype's storage, flat."""
         return flat(self.decoded_now(e, e.base, by_name(e.dtype).itemsize), e.dtype)
@@ -189,7 +260,7 @@ class ArchiveTensors:
         return to_torch(self.theta0(e), by_name(e.dtype)).to(device)
 
     def tau(self, e: TensorEntry, device: torch.device | None = None) -> torch.Tensor:
-        t = torch.from_numpy(_writable(flat(self.decoded_now(e, e.tau, 4), "F32")))
+        t = torch.from_numpy(_writable(flat(self.tau_now(e), "F32")))
         return t.to(device) if device is not None else t
 
     def counts(self, e: TensorEntry) -> np.ndarray:
@@ -210,7 +281,7 @@ class ArchiveTensors:
         if i is None:
             return to_torch(_writable(self.theta0(e)).reshape(e.shape), d)
         base = planes_or_flat(self.decoded_now(e, e.base, d.itemsize), e.dtype)
-        tau = planes_or_flat(self.decoded_now(e, e.tau, 4), "F32")
+        tau = planes_or_flat(self.tau_now(e), "F32")
         out = empty(e.shape, e.dtype)
         kernels.decode_into(base, tau, self.packed(e, i), storage_view(out), dtype=e.dtype, check_padding=False)
         return out
@@ -224,7 +295,7 @@ class ArchiveTensors:
             return jobs.submit(lambda: move(self.decode_entry(e, i), device))  # one job: less overhead
         mask = jobs.submit(self.packed, e, i)
         if self.use_torch(device):
-            ins = [self.on_device(e, e.base, e.dtype, device, jobs), self.on_device(e, e.tau, "F32", device, jobs), mask]
+            ins = [self.on_device(e, e.base, e.dtype, device, jobs), self.tau_on_device(e, device, jobs), mask]
 
             def run_torch() -> torch.Tensor:
                 b, t, p = (f.result() for f in ins)
@@ -232,7 +303,7 @@ class ArchiveTensors:
                 return r if out is None else out.copy_(r)
             return jobs.after(ins, run_torch)
         d = by_name(e.dtype)
-        ins = [self.decoded(e, e.base, d.itemsize, jobs), self.decoded(e, e.tau, 4, jobs), mask]
+        ins = [self.decoded(e, e.base, d.itemsize, jobs), self.tau_decoded(e, jobs), mask]
         return jobs.after(ins, lambda: self._kernel(jobs, e, *(f.result() for f in ins), device, out))
 
     def _kernel(self, jobs: Jobs, e: TensorEntry, base: np.ndarray, tau: np.ndarray, packed: np.ndarray,
@@ -325,6 +396,8 @@ class ArchiveTensors:
     def verify(self) -> None:
         for shard in self.layout.readers:  # each segment once: checksum, codec, BOOL bytes, mask padding
             shard.verify()
+        if self.base is not None:
+            self.base.verify()
 
 
 def _plane(r: ContainerReader, seg: Segment, frame: memoryview, out: np.ndarray, k: int) -> None:
