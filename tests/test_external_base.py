@@ -69,6 +69,20 @@ def test_external_base_decodes_what_the_stored_base_decodes(tmp_path, shards):
         z.verify()
 
 
+def test_load_into_and_switcher_with_an_external_base(tmp_path):
+    base, tasks, ref, ext = _pair(tmp_path)
+    with tallfmt.open(ext, base=base) as z:
+        want = tallfmt.open(ref).decode("t2")
+        model = {k: torch.zeros_like(v) for k, v in tasks["t2"].items()}
+        z.load_into(model, "t2")
+        assert all(torch.equal(model[k], want[k]) for k in model)
+        served = {k: v.clone() for k, v in base.items() if k in ("w32", "w16", "wbf", "scalar", "frozen", "pos")}
+        switch = z.switcher(served, strict=False)
+        switch("t1")
+        got = tallfmt.open(ref).decode("t1")
+        assert all(torch.equal(served[k], got[k]) for k in served)
+
+
 def test_base_from_a_file_and_a_folder(tmp_path):
     base, tasks, ref, ext = _pair(tmp_path)
     flat = {k: v.clone() for k, v in base.items()}  # safetensors refuses shared storage

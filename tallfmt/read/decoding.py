@@ -83,6 +83,20 @@ def widen_tau(arr: np.ndarray) -> np.ndarray:
     return (arr.view(np.uint16).astype(np.uint32) << 16).view(np.uint8)
 
 
+def _tau_reshaped(e: TensorEntry) -> bool:
+    """Whether τ_MTL's decoded segment is reshaped for the kernel (:func:`_tau_ready`)."""
+    return e.tau_dtype != "F32" or isinstance(e.base, BaseRef)
+
+
+def _tau_ready(e: TensorEntry, arr: np.ndarray) -> np.ndarray:
+    """τ_MTL's decoded segment as the CPU kernel takes it beside θ0: float32 (a BF16 τ widened,
+    :func:`widen_tau`), and as bytes rather than planes when θ0 comes from the reader's base (flat), so
+    the kernel does not merge the planes on every call."""
+    if arr.ndim == 2 and isinstance(e.base, BaseRef):
+        arr = merge_planes(arr).reshape(-1)
+    return widen_tau(arr) if e.tau_dtype == "BF16" else arr
+
+
 def flat(arr: np.ndarray, dtype: str) -> np.ndarray:
     """A decoded segment as ``dtype``'s storage (byte planes merged)."""
     return (merge_planes(arr) if arr.ndim == 2 else arr).view(by_name(dtype).storage)
@@ -205,33 +219,33 @@ class ArchiveTensors:
         return arr
 
     def tau_decoded(self, e: TensorEntry, jobs: Jobs) -> Future:
-        """A future of τ_MTL's decoded segment as float32 (planes or bytes), cached as that: a BF16 τ is
-        widened once (:func:`widen_tau`)."""
-        if e.tau_dtype == "F32":
+        """A future of τ_MTL's decoded segment as the CPU kernel takes it beside θ0 (float32 planes or
+        bytes), cached as that (:meth:`_tau_ready`)."""
+        if not _tau_reshaped(e):
             return self.decoded(e, e.tau, 4, jobs)
-        key = (*self._key(e, e.tau), "F32")
+        key = (*self._key(e, e.tau), "kernel")
         hit = self.cache.get(key)
         if hit is not None:
             return done(hit)
-        raw = self.decoded(e, e.tau, 2, jobs, keep=False)
+        raw = self.decoded(e, e.tau, by_name(e.tau_dtype).itemsize, jobs, keep=False)
 
-        def widen() -> np.ndarray:
-            w = widen_tau(raw.result())
+        def ready() -> np.ndarray:
+            w = _tau_ready(e, raw.result())
             self.cache.put(key, w)
             return w
-        return jobs.after([raw], widen)
+        return jobs.after([raw], ready)
 
     def tau_now(self, e: TensorEntry) -> np.ndarray:
         """:meth:`tau_decoded`, in this thread."""
-        if e.tau_dtype == "F32":
+        if not _tau_reshaped(e):
             return self.decoded_now(e, e.tau, 4)
-        key = (*self._key(e, e.tau), "F32")
+        key = (*self._key(e, e.tau), "kernel")
         hit = self.cache.get(key)
         if hit is None:
-            arr, work = self._plan(e, e.tau, 2)
+            arr, work = self._plan(e, e.tau, by_name(e.tau_dtype).itemsize)
             for w in work:
                 w()
-            hit = widen_tau(arr)
+            hit = _tau_ready(e, arr)
             self.cache.put(key, hit)
         return hit
 
