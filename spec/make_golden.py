@@ -49,6 +49,10 @@ CASES: dict[str, dict] = {
     "magnitude": {"tasks": ["x", "y"],
                   "options": {"merge": "ties", "ties_density": 0.5, "ties_agg": "mean", "ties_scope": "per_tensor",
                               "mask_method": "magnitude", "mask_density": 0.1, "mask_scope": "per_tensor"}},
+    # Format 1.2: τ_MTL stored in bfloat16 (FORMAT.md §4.2), every float dtype of θ0, byte planes.
+    "bf16_tau": {"tasks": ["p", "q", "r"], "options": {"tau_dtype": "BF16", "lambdas": 0.4}},
+    # Format 1.2: θ0 kept outside the archive (FORMAT.md §2.1): BASEREFs, decoded with base= (its inputs' "base/").
+    "external_base": {"tasks": ["u", "v"], "options": {"store_base": False, "lambdas": 0.4}},
     # Format 1.1: model folders with their other files (FORMAT.md §10), one shared by every model.
     "files": {"tasks": ["sst2", "mnli"], "options": {"codec": "raw"},
               "folders": {
@@ -139,9 +143,15 @@ def sources(case: str, folder: Path) -> tuple[Any, dict[str, Any]]:
     return paths.pop("base"), paths
 
 
-def expected(path: Path) -> dict:
+def external_base(case: str) -> dict | None:
+    """θ0 for a case encoded with store_base=False (the reader must be given it), else None."""
+    return load_inputs(case)[0] if CASES[case]["options"].get("store_base") is False else None
+
+
+def expected(path: Path, base: Any = None) -> dict:
+    """What a reader decodes from the archive at ``path`` (``base``: θ0 for one that keeps it outside)."""
     out = {}
-    with tallfmt.open(path) as zoo:
+    with tallfmt.open(path, base=base) as zoo:
         for model in (None, *zoo.tasks):
             for name, data in zoo.files(model).items():
                 out[f"file/{model or 'base'}/{name}"] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
@@ -171,7 +181,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             base, sds = sources(case, Path(tmp))
             tallfmt.encode(base, sds, out / f"{case}.tall", overwrite=True, **spec["options"])
-        save_file(expected(out / f"{case}.tall"), str(out / f"{case}.expected.safetensors"))
+        save_file(expected(out / f"{case}.tall", external_base(case)), str(out / f"{case}.expected.safetensors"))
     (out / "cases.json").write_text(json.dumps(CASES, indent=2) + "\n")
     total = sum(p.stat().st_size for p in out.iterdir())
     print(f"wrote {len(CASES)} cases to {out} ({total:,} bytes)")

@@ -37,7 +37,7 @@ import click
 from tallfmt import __version__
 from tallfmt.errors import TallError, TallWarning
 from tallfmt.format import codecs
-from tallfmt.format.header import MASK_METHODS, MERGE_METHODS
+from tallfmt.format.header import MASK_METHODS, MERGE_METHODS, TAU_DTYPES
 from tallfmt.format.jsonio import is_text
 from tallfmt.format.outputs import MAX_SHARD_SIZE
 from tallfmt.read.merges import DEFAULT_MERGE, DEFAULT_PER_TASK, MERGES, PER_TASK_POLICIES
@@ -237,10 +237,14 @@ def parse_size(text: str) -> int:
 
 
 
-def _open(path: str | Path) -> Archive:
+def _open(path: str | Path, base: str | None = None) -> Archive:
     from tallfmt.read.archive import open as open_archive
 
-    return open_archive(path, max_tensor_bytes=_settings().max_tensor_bytes)
+    return open_archive(path, max_tensor_bytes=_settings().max_tensor_bytes, base=base)
+
+
+BASE_HELP = ("θ0 for an archive encoded with --no-store-base: a .safetensors file, a folder or a .bin/.pt file "
+             "(each tensor checked against the archive's checksums).")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -397,6 +401,11 @@ D = DEFAULTS  # encode's defaults, defined once (tallfmt.write.options)
 @click.option("--residual", "residual", multiple=True, metavar="BITS | TASK=BITS",
               help=f"A per-task sparse residual of this many bits per masked parameter (default: "
                    f"{D.residual or 'none'}): one number for every task and/or task=number, repeatable.")
+@click.option("--tau-dtype", "tau_dtype", type=click.Choice([d.lower() for d in TAU_DTYPES], case_sensitive=False),
+              default=D.tau_dtype.lower(), show_default=True,
+              help="Store τ_MTL in this dtype: f32 is lossless, bf16 halves it (lossy; masks follow the rounded τ).")
+@click.option("--store-base/--no-store-base", "store_base", default=D.store_base, show_default=True,
+              help="Store θ0 (--no-store-base: only its tensor table and checksums; decode then needs --base).")
 @click.option("--shards", type=click.IntRange(min=1), default=None,
               help="Write a sharded archive: OUTPUT becomes a folder of N shard files + tall.index.json.")
 @click.option("--max-shard-size", default=None, help="Sharded archive: shards of at most this size, e.g. 2GB.")
@@ -407,8 +416,8 @@ def encode(base: str, finetunes: tuple[str, ...], output: str, names: tuple[str,
            ties_density: float, ties_agg: str, ties_scope: str, lambdas: tuple[str, ...], mask_method: str,
            mask_density: float, codec: str, mask_codec: str, device: str | None, threads: int | None, dtype: str | None,
            prefix_map: tuple[str, ...], mismatch: str, per_task: tuple[str, ...], metadata: tuple[str, ...],
-           files: bool, residual: tuple[str, ...], shards: int | None, max_shard_size: str | None,
-           scheduler: str | None, force: bool) -> None:
+           files: bool, residual: tuple[str, ...], tau_dtype: str, store_base: bool, shards: int | None,
+           max_shard_size: str | None, scheduler: str | None, force: bool) -> None:
     """Encode BASE (θ0) and its fine-tunes FT ... into one .tall archive.
 
     Each of BASE and FT is a .safetensors file, a folder with model.safetensors or a sharded
@@ -439,7 +448,8 @@ def encode(base: str, finetunes: tuple[str, ...], output: str, names: tuple[str,
                                 mask_method=mask_method, mask_density=mask_density, codec=codec,
                                 mask_codec=mask_codec,
                                 device=device, threads=threads, dtype=dtype, prefix_map=_parse_prefix_map(prefix_map),
-                                mismatch=mismatch, per_task=patterns, metadata=meta, files=files, overwrite=force,
+                                mismatch=mismatch, per_task=patterns, metadata=meta, files=files,
+                                tau_dtype=tau_dtype, store_base=store_base, overwrite=force,
                                 progress=update, shards=shards, max_shard_size=shard_size, scheduler=scheduler,
                                 residual=budgets)
     roles = ", ".join(f"{n} {r}" for r, n in report.roles.items())
@@ -519,8 +529,10 @@ def _written(files: list[Path]) -> str:
 @click.option("--residual/--no-residual", "residual", default=True, show_default=True,
               help="Add each task's residual where the archive stores one (FORMAT.md §11); --no-residual: "
                    "the mask-only model.")
+@click.option("--base", "base", default=None, metavar="PATH", help=BASE_HELP)
 @click.option("--force", is_flag=True, help="Overwrite an existing output.")
 def decode(archive: str, tasks: tuple[str, ...], output: str, max_shard_size: str | None, residual: bool,
+           base: str | None,
            force: bool) -> None:
     """Write each TASK's model, θ0 + m_t ∘ τ_MTL, from ARCHIVE to OUTPUT.
 
@@ -535,7 +547,7 @@ def decode(archive: str, tasks: tuple[str, ...], output: str, max_shard_size: st
     if len(tasks) > 1 and out.name.endswith(".safetensors"):
         raise click.UsageError("several tasks go to a folder (one per task), not to one .safetensors file")
     outs = {t: out if len(tasks) == 1 else out / t for t in tasks}
-    with _open(archive) as zoo:
+    with _open(archive, base) as zoo:
         for task in tasks:  # an unknown task, or one that cannot name a folder, fails before anything is written
             zoo.task_info(task)
             if len(tasks) > 1 and (task in (".", "..") or any(c in task for c in "/\\\0")):
@@ -582,7 +594,7 @@ def merge_command() -> click.Command:
     methods = "; ".join(f"{m.name}: {m.help}" for m in MERGES.values())
 
     def run(archive: str, merge: str, method_alias: str | None, per_task: str, output: str,
-            max_shard_size: str | None, force: bool, **given: Any) -> None:
+            max_shard_size: str | None, base: str | None, force: bool, **given: Any) -> None:
         method = method_alias or merge
         params = {k: v for k, v in given.items() if v is not None}
         takes = {p.name for p in MERGES[method].params}
@@ -593,7 +605,7 @@ def merge_command() -> click.Command:
                                          param_hint=f"--{k.replace('_', '-')}")
         out = Path(output)
         shard = _check_model_output(out, force, max_shard_size)
-        with _open(archive) as zoo:
+        with _open(archive, base) as zoo:
             with _counting(zoo, "iter_merge", f"merge {method}", _output_bytes(zoo, None)):
                 files = zoo.merge_to(out, method, per_task=per_task, max_shard_size=shard, overwrite=force, **params)
         desc = ", ".join(f"{key}={v}" for key, v in params.items())
@@ -617,6 +629,7 @@ def merge_command() -> click.Command:
                 click.Option(["-o", "--output"], required=True, type=click.Path(),
                              help="A .safetensors file or a folder."),
                 click.Option(["--max-shard-size"], default=None, help=SHARD_HELP),
+                click.Option(["--base"], default=None, metavar="PATH", help=BASE_HELP),
                 click.Option(["--force"], is_flag=True, help="Overwrite an existing output."),
                 *common_params()])
 
@@ -633,10 +646,12 @@ def _counted_read(read: Callable[..., Any], update: Callable[[int], None], seen:
 
 @cli.command(short_help="Check every checksum and mask of an archive.")
 @click.argument("archive", type=click.Path(exists=False))
-def verify(archive: str) -> None:
+@click.option("--base", "base", default=None, metavar="PATH", help="Also check this θ0 against an archive encoded "
+              "with --no-store-base (every tensor's checksum).")
+def verify(archive: str, base: str | None) -> None:
     """Check ARCHIVE's header, every segment's checksum and contents, every mask and every stored
     file; exit 1 if damaged."""
-    with _open(archive) as zoo:
+    with _open(archive, base) as zoo:
         segments = [s for e in zoo.header.tensors for s in e.segments()]
         stored = sum(s.length for s in segments)
         seen: set[int] = set()
@@ -651,6 +666,8 @@ def verify(archive: str) -> None:
                     del shard.read
         files = zoo.header.files
     said = f", {plural(len(files.blobs), 'stored file')}" if files is not None else ""
+    if zoo.external_base:
+        said += f", θ0 from {base} checked" if base is not None else ", θ0 external (not checked: give --base)"
     _say(f"{archive}: OK — header, {len(segments):,} segments ({human_bytes(stored)}){said} and "
          f"{plural(len(zoo.tasks), 'task')}' masks checked")
 

@@ -97,6 +97,9 @@ def summary(zoo: Archive) -> dict[str, Any]:
         "shards": len(zoo.shards) if zoo.index is not None else None,
         "tasks": tasks,
         "encoding": header.encoding,
+        "external_base": None if not header.external_base else {
+            "tensors": sum(1 for e in header.tensors for _ in e.base_refs()),
+            "bytes": sum(r.decoded_length for e in header.tensors for r, _, _ in e.base_refs())},
         "roles": roles,
         "params": {"masked": p_masked, "shared": p_shared, "per_task": roles["per_task"]["params"],
                    "total": params},
@@ -121,7 +124,7 @@ def part_codecs(zoo: Archive) -> dict[str, list[str]]:
     found: dict[str, set[str]] = {k: set() for k in ("theta0", "tau", "masks", "residuals", "shared", "per_task")}
     for e in zoo.header.tensors:
         if e.role == "masked":
-            found["theta0"].add(e.base.codec)
+            found["theta0"].update(s.codec for s, kind in e.parts() if s is e.base)
             found["tau"].add(e.tau.codec)
             found["masks"].update(m.codec for m in e.masks)
             found["residuals"].update(s.codec for r in e.residuals if r is not None for s in (r.positions, r.values))
@@ -144,11 +147,17 @@ def format_summary(s: dict[str, Any]) -> str:
                                       f"{enc['merge']['scope']})")
     mask = enc["mask"]["method"] + ("" if enc["mask"]["method"] != "magnitude" else
                                     f" (density {enc['mask']['density']}, {enc['mask']['scope']})")
+    tau_dtype = f", stored in {enc['tau_dtype']} (lossy)" if enc.get("tau_dtype", "F32") != "F32" else ""
     total = s["bytes"]["total"]
     shards = f", {s['shards']} shards" if s["shards"] else ""
     out = [f"{s['path']}: {human_bytes(total)}, tallfmt format {'.'.join(map(str, s['format_version']))}, "
            f"{T} task{'s' if T != 1 else ''}{shards}",
-           f"τ_MTL: {merge}; masks: {mask}", ""]
+           f"τ_MTL: {merge}{tau_dtype}; masks: {mask}"]
+    ext = s.get("external_base")
+    if ext is not None:
+        out.append(f"θ0: external, not stored ({plural(ext['tensors'], 'tensor')}, {human_bytes(ext['bytes'])}; "
+                   f"decode and merge need the base: tallfmt.open(path, base=...), CLI --base PATH)")
+    out.append("")
     residual = any(t["residual_entries"] for t in s["tasks"])
     rows = [["task", "λ", "mask density", "rel error", "cosine"] + (
         ["residual entries", "residual bytes", "rel error without"] if residual else [])]

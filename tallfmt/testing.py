@@ -385,10 +385,12 @@ def encode_options(draw: st.DrawFn, task_names: Sequence[str], *,
                    codecs: Sequence[str] = ("auto", "raw", "zstd", "byteplane-zstd"),
                    chunk_sizes: Sequence[int | None] = (None, 8, 16, 64),
                    per_task_globs: Sequence[tuple[str, ...] | None] = (None, (), ("*running_*",)),
-                   dtypes: Sequence[str | None] = (None,)) -> dict[str, Any]:
+                   dtypes: Sequence[str | None] = (None,),
+                   tau_dtypes: Sequence[str] = ("F32",)) -> dict[str, Any]:
     """Keyword arguments for ``tallfmt.encode``: merge and its TIES parameters, λ (one float or one
     per task, including 1.0 where TALL masks tie), mask method, codec, chunk size, per-task globs
-    (None: the default) and the storage dtype every float tensor is cast to (``dtypes``; None: none).
+    (None: the default), the storage dtype every float tensor is cast to (``dtypes``; None: none)
+    and τ_MTL's stored dtype (``tau_dtypes``; F32 is left out of the arguments, as the default).
 
         >>> encode_options(["a", "b"]).example()                                 # doctest: +SKIP
         {'merge': 'ties', 'ties_density': 0.5, ..., 'lambdas': {'a': 1.0, 'b': 0.4}, ...}
@@ -414,6 +416,9 @@ def encode_options(draw: st.DrawFn, task_names: Sequence[str], *,
     dtype = draw(st.sampled_from(list(dtypes)))
     if dtype is not None:
         kw["dtype"] = dtype
+    tau_dtype = draw(st.sampled_from(list(tau_dtypes)))
+    if tau_dtype != "F32":
+        kw["tau_dtype"] = tau_dtype
     return kw
 
 

@@ -161,9 +161,11 @@ def operations(zoo: Any) -> list[tuple[str, Callable[[], Any], Callable[[Any], s
             return None if got == want else f"declared {want}, got {got}"
         return check
 
-    for i, task in enumerate(zoo.tasks):
+    # an archive without θ0 (FORMAT.md §2.1, opened without a base) refuses decodes and merges by design
+    with_theta0 = not h.external_base
+    for i, task in enumerate(zoo.tasks if with_theta0 else ()):
         ops.append((f"decode[{i}]", lambda task=task: zoo.decode(task), shape_check(_declared(h, i))))
-    for method, params in MERGES:
+    for method, params in MERGES if with_theta0 else ():
         ops.append((f"merge:{method}:{params}", lambda m=method, p=params: zoo.merge(m, **p),
                     shape_check(_declared(h, None))))
     by = {t.name: t for t in h.tensors}

@@ -21,7 +21,7 @@ SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[Healt
 @SETTINGS
 @given(coll=checkpoint_collections(max_tasks=4, per_task=True), data=st.data())
 def test_fused_and_torch_paths_write_the_same_bytes(coll, data, tmp_path_factory, monkeypatch):
-    kw = {**coll.encode_kwargs, **data.draw(encode_options(list(coll.tasks)))}
+    kw = {**coll.encode_kwargs, **data.draw(encode_options(list(coll.tasks), tau_dtypes=("F32", "BF16")))}
     tmp = tmp_path_factory.mktemp("paths")
     tallfmt.encode(coll.base, coll.tasks, tmp / "fused.tall", **kw)
     with monkeypatch.context() as m:

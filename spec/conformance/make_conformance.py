@@ -1851,6 +1851,25 @@ def refuse_cases() -> None:
          f"version 1.{FUTURE} with role 'lora'", "tensors[4].role", rule=rule + " (§7)", minor=FUTURE)
     case("newer_minor_unknown_dtype", lambda h: h["tensors"][2].__setitem__("dtype", "F4"),
          f"version 1.{FUTURE} with dtype 'F4'", "tensors[2].dtype", rule=rule + " (§7)", minor=FUTURE)
+    case("tau_dtype_in_1_1", lambda h: h["encoding"].__setitem__("tau_dtype", "BF16"),
+         "encoding.tau_dtype (a 1.2 key) in a version 1.1 file", "encoding.tau_dtype", rule=rule + " (§7)", minor=1)
+    case("tau_dtype_unknown", lambda h: h["encoding"].__setitem__("tau_dtype", "F16"),
+         "version 1.2 with encoding.tau_dtype 'F16' (F32 and BF16 only)", "encoding.tau_dtype",
+         rule="encoding.tau_dtype not F32 or BF16 (§6)", minor=2)
+    def baseref(h: dict, **extra: Any) -> None:  # θ0 of 'w' (F32 [3, 5]) kept outside: a BASEREF, FORMAT.md §2.1
+        h["tensors"][0]["base"] = {"decoded_length": 60, "xxh3": "0123456789abcdef", **extra}
+    case("baseref_in_1_1", baseref, "a BASEREF (θ0 kept outside, a 1.2 feature) in a version 1.1 file: a segment "
+         "without offset, length, codec", "tensors[0].base", rule=rule + " (§2.1, §7)", minor=1)
+    case("baseref_extra_key", lambda h: baseref(h, codec="raw"), "version 1.2, a BASEREF with a 'codec' key",
+         "tensors[0].base.codec", rule="BASEREF keys (§2.1)", minor=2)
+    case("baseref_wrong_length", lambda h: baseref(h, decoded_length=64), "version 1.2, a BASEREF of 64 bytes for "
+         "an F32 [3, 5] tensor (60)", "tensors[0].base.decoded_length", rule="decoded_length ≠ shape × dtype (§2.1, §6)",
+         minor=2)
+    case("baseref_bad_xxh3", lambda h: baseref(h, xxh3="0123456789ABCDEF"), "version 1.2, a BASEREF whose xxh3 has "
+         "upper-case digits", "tensors[0].base.xxh3", rule="BASEREF keys (§2.1)", minor=2)
+    case("tau_dtype_bf16_tau_4n", lambda h: h["encoding"].__setitem__("tau_dtype", "BF16"),
+         "version 1.2, encoding.tau_dtype BF16 with an F32-sized tau segment (decoded_length 4n, not 2n)",
+         "tensors[0].tau.decoded_length", rule="decoded_length ≠ shape × dtype (§2, §6)", minor=2)
 
     # --- version ------------------------------------------------------------------------
     rule = "bad version"

@@ -25,12 +25,14 @@ from tallfmt.format.residual import RESIDUAL_DTYPES, RESIDUAL_MINOR, gap_itemsiz
 
 MAGIC = b"\x89TALL\r\n\x1a"
 FORMAT_NAME = "tallfmt"
-#: The newest version this reader knows: 1.1 stores mask bits as 0 where τ_MTL = 0 (FORMAT.md §4.3)
-#: and added ``files`` (§10); 1.2 added the ``tau-rans`` mask codec (§5.1) and per-task residuals (§11).
-#: Writers write 1.1 unless a header needs more (:func:`header_version`).
+#: The newest version this reader knows. A writer writes 1.1 (mask bits 0 where τ_MTL = 0, FORMAT.md
+#: §4.3; ``files``, §10) unless the archive uses a feature of 1.2 that a 1.1 reader would decode wrongly
+#: (``encoding.tau_dtype``, §4.2; θ0 kept outside the archive, §2.1; the ``tau-rans`` mask codec, §5.1;
+#: per-task residuals, §11): :func:`header_version`.
 MAJOR, MINOR = 1, 2
-#: The minor version of a header that uses nothing newer than 1.1.
-BASE_MINOR = 1
+BASE_MINOR = 1                    # every archive this writer writes is at least 1.1
+TAU_DTYPE_MINOR = 2               # encoding.tau_dtype (a τ_MTL stored in BF16)
+EXTERNAL_BASE_MINOR = 2           # BASEREF in place of θ0's segments (θ0 not stored)
 PREAMBLE_SIZE = 64
 ALIGN = 64
 
@@ -48,6 +50,8 @@ MAX_VERSION = 65535               # version numbers are u16
 MAX_STATS = 256                   # keys of one task's `stats`
 
 ROLES = ("masked", "shared", "per_task", "alias")
+#: dtypes τ_MTL may be stored in (encoding.tau_dtype, FORMAT.md §4.2); F32 is lossless and the default.
+TAU_DTYPES = ("F32", "BF16")
 MERGE_METHODS = ("task_arithmetic", "ties")  # how τ_MTL was made (encoding.merge)
 MASK_METHODS = ("tall", "magnitude")
 
@@ -157,12 +161,24 @@ class Segment:
 
 
 @dataclass(frozen=True)
+class BaseRef:
+    """θ0's bytes of a tensor kept outside the archive (``encode(store_base=False)``, FORMAT.md §2.1):
+    their length and XXH3-64, in place of the segment that would hold them."""
+
+    decoded_length: int
+    xxh3: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"decoded_length": self.decoded_length, "xxh3": self.xxh3}
+
+
+@dataclass(frozen=True)
 class Item:
     """One stored tensor value: its dtype, shape and segment (a `shared` tensor, or one copy of a `per_task`)."""
 
     dtype: str
     shape: tuple[int, ...]
-    data: Segment
+    data: Segment | BaseRef                  # BaseRef: θ0's copy, kept outside the archive
 
     @property
     def numel(self) -> int:
@@ -195,14 +211,15 @@ class TensorEntry:
     role: str
     dtype: str | None = None                 # masked, shared
     shape: tuple[int, ...] | None = None     # masked, shared
-    base: Segment | None = None              # masked: θ0 in `dtype`
-    tau: Segment | None = None               # masked: τ_MTL in F32
+    base: Segment | BaseRef | None = None    # masked: θ0 in `dtype` (BaseRef: kept outside the archive)
+    tau: Segment | None = None               # masked: τ_MTL in ``tau_dtype``
     masks: tuple[Segment, ...] = ()          # masked: one packed mask per task, in task order
-    data: Segment | None = None              # shared
+    data: Segment | BaseRef | None = None    # shared (BaseRef: equal to θ0's, kept outside the archive)
     base_item: Item | None = None            # per_task: θ0's copy, if θ0 has the tensor
     task_items: tuple[Item | None, ...] = () # per_task: one per task (None: that task lacks it)
     target: str | None = None                # alias
     residuals: tuple[Residual | None, ...] = ()  # masked, 1.2: one per task (None: none), or () for no task
+    tau_dtype: str = "F32"                   # masked: the archive's encoding.tau_dtype
 
     @property
     def numel(self) -> int:
@@ -217,13 +234,14 @@ class TensorEntry:
             yield s
 
     def parts(self) -> Iterator[tuple[Segment, str]]:
-        """(segment, what its elements are) for every segment of the row: a dtype name, "mask" for
-        a packed mask of ``numel`` bits, or "positions" for a residual's gaps (:func:`gap_itemsize`)."""
+        """(segment, what its elements are) for every stored segment of the row: a dtype name, "mask" for
+        a packed mask of ``numel`` bits, or "positions" for a residual's gaps (:func:`gap_itemsize`).
+        θ0's bytes kept outside (BaseRef) are no segment."""
         for s in (self.base, self.data):
-            if s is not None:
+            if isinstance(s, Segment):
                 yield s, self.dtype
         if self.tau is not None:
-            yield self.tau, "F32"
+            yield self.tau, self.tau_dtype
         for m in self.masks:
             yield m, "mask"
         for r in self.residuals:
@@ -231,8 +249,16 @@ class TensorEntry:
                 yield r.positions, "positions"
                 yield r.values, r.dtype
         for it in (self.base_item, *self.task_items):
-            if it is not None:
+            if it is not None and isinstance(it.data, Segment):
                 yield it.data, it.dtype
+
+    def base_refs(self) -> Iterator[tuple[BaseRef, str, tuple[int, ...]]]:
+        """(reference, dtype, shape) of θ0's bytes of this row when they are kept outside the archive."""
+        for s in (self.base, self.data):
+            if isinstance(s, BaseRef):
+                yield s, self.dtype, self.shape
+        if self.base_item is not None and isinstance(self.base_item.data, BaseRef):
+            yield self.base_item.data, self.base_item.dtype, self.base_item.shape
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.name, "role": self.role}
@@ -271,12 +297,17 @@ class Header:
     encoding: dict[str, Any]
     tensors: tuple[TensorEntry, ...]
     metadata: dict[str, str] = field(default_factory=dict)
-    version: tuple[int, int] = (MAJOR, BASE_MINOR)
+    version: tuple[int, int] = (MAJOR, BASE_MINOR)  # writers: header_version(...)
     files: Files | None = None               # 1.1: the models' non-weight files (FORMAT.md §10)
 
     @property
     def task_names(self) -> list[str]:
         return [t.name for t in self.tasks]
+
+    @property
+    def external_base(self) -> bool:
+        """Whether θ0 is kept outside the archive (some row holds a BaseRef, FORMAT.md §2.1)."""
+        return any(True for t in self.tensors for _ in t.base_refs())
 
     def to_json(self) -> dict[str, Any]:
         out = {"format": FORMAT_NAME, "version": list(self.version),
@@ -303,8 +334,9 @@ class HeaderChecker:
     def __init__(self, path: str, strict: bool) -> None:
         self.path = path
         self.strict = strict  # unknown keys are errors unless the file's minor version is newer
-        self.minor = MINOR    # the file's minor version, once read: codecs of a newer one are refused
+        self.minor = MINOR    # the file's minor version, once read: keys and codecs of a later minor are unknown
         self.mask_codecs, self.plain_codecs = self.codecs_for(MINOR)
+        self.tau_dtype, self.tau_itemsize = "F32", 4
 
     @staticmethod
     def codecs_for(minor: int) -> tuple[frozenset[str], frozenset[str]]:
@@ -428,6 +460,9 @@ class HeaderChecker:
         if minor_of(seg.codec) > self.minor:
             raise self.fail(f"{where}.codec", f"codec {seg.codec!r} is from version {MAJOR}.{minor_of(seg.codec)}; "
                                               f"this file says {MAJOR}.{self.minor}")
+        if mask and seg.codec in CONTEXT_CODECS and seg.codec not in self.mask_codecs:
+            raise self.fail(f"{where}.codec", f"codec {seg.codec!r} reads a float32 τ_MTL; this archive's is "
+                                              f"{self.tau_dtype} (encoding.tau_dtype)")
         if len(seg.xxh3) != 16 or not _HEX.issuperset(seg.xxh3):
             raise self.fail(f"{where}.xxh3", "expected 16 lowercase hex digits")
         if seg.decoded_length != decoded_length:
@@ -440,12 +475,27 @@ class HeaderChecker:
                              f"{seg.length} stored is past the {MAX_EXPANSION}× expansion limit")
         return seg
 
-    def item(self, v: Any, where: str) -> Item:
+    def theta0(self, v: Any, where: str, decoded_length: int) -> Segment | BaseRef:
+        """Where θ0's bytes go: a SEGMENT, or from version 1.2 a BASEREF (an object without
+        ``offset``: exactly ``decoded_length`` and ``xxh3``, θ0 kept outside the archive)."""
+        if self.minor < EXTERNAL_BASE_MINOR or not isinstance(v, dict) or "offset" in v:
+            return self.segment(v, where, decoded_length)
+        o = self.obj(v, where, {"decoded_length", "xxh3"})
+        dl = self.int_(o["decoded_length"], f"{where}.decoded_length")
+        x = self.str_(o["xxh3"], f"{where}.xxh3")
+        if len(x) != 16 or not _HEX.issuperset(x):
+            raise self.fail(f"{where}.xxh3", "expected 16 lowercase hex digits")
+        if dl != decoded_length:
+            raise self.fail(f"{where}.decoded_length", f"{dl} does not match shape × dtype = {decoded_length}")
+        return BaseRef(dl, x)
+
+    def item(self, v: Any, where: str, theta0: bool = False) -> Item:
         o = self.obj(v, where, {"dtype", "shape", "data"})
         dt = self.dtype(o["dtype"], f"{where}.dtype")
         isz = dtypes.by_name(dt).itemsize
         shape = self.shape(o["shape"], f"{where}.shape", isz)
-        return Item(dt, shape, self.segment(o["data"], f"{where}.data", math.prod(shape) * isz))
+        read = self.theta0 if theta0 else self.segment
+        return Item(dt, shape, read(o["data"], f"{where}.data", math.prod(shape) * isz))
 
     def tensor(self, v: Any, where: str, n_tasks: int) -> TensorEntry:
         o = self.obj(v, where, {"name", "role"}, _ROW_KEYS)
@@ -470,23 +520,24 @@ class HeaderChecker:
                 residuals = tuple(None if r is None else self.residual(r, f"{where}.residuals[{i}]", n)
                                   for i, r in enumerate(rs))
             return TensorEntry(name, role, dt, shape,
-                               base=self.segment(o["base"], f"{where}.base", n * isz),
-                               tau=self.segment(o["tau"], f"{where}.tau", n * 4),
+                               base=self.theta0(o["base"], f"{where}.base", n * isz),
+                               tau=self.segment(o["tau"], f"{where}.tau", n * self.tau_itemsize),
                                masks=tuple(self.segment(m, at, (n + 7) // 8, i, True) for at in (f"{where}.masks",)
-                                           for i, m in enumerate(masks)), residuals=residuals)
+                                           for i, m in enumerate(masks)), residuals=residuals,
+                               tau_dtype=self.tau_dtype)
         if role == "shared":
             o = self.obj(o, where, {"name", "role", "dtype", "shape", "data"})
             dt = self.dtype(o["dtype"], f"{where}.dtype")
             isz = dtypes.by_name(dt).itemsize
             shape = self.shape(o["shape"], f"{where}.shape", isz)
-            return TensorEntry(name, role, dt, shape, data=self.segment(o["data"], f"{where}.data",
-                                                                        math.prod(shape) * isz))
+            return TensorEntry(name, role, dt, shape, data=self.theta0(o["data"], f"{where}.data",
+                                                                       math.prod(shape) * isz))
         if role == "per_task":
             o = self.obj(o, where, {"name", "role", "base", "tasks"})
             items = self.list_(o["tasks"], f"{where}.tasks", MAX_TASKS)
             if len(items) != n_tasks:
                 raise self.fail(f"{where}.tasks", f"{len(items)} entries for {n_tasks} tasks")
-            base = None if o["base"] is None else self.item(o["base"], f"{where}.base")
+            base = None if o["base"] is None else self.item(o["base"], f"{where}.base", theta0=True)
             task_items = tuple(None if it is None else self.item(it, f"{where}.tasks[{i}]")
                                for i, it in enumerate(items))
             if base is None and all(it is None for it in task_items):
@@ -527,7 +578,13 @@ class HeaderChecker:
         return m
 
     def encoding(self, v: Any) -> dict[str, Any]:
-        o = self.obj(v, "encoding", {"merge", "mask", "compute_dtype", "bit_order"})
+        optional = frozenset({"tau_dtype"}) if self.minor >= TAU_DTYPE_MINOR else frozenset()
+        o = self.obj(v, "encoding", {"merge", "mask", "compute_dtype", "bit_order"}, optional)
+        if "tau_dtype" in optional and "tau_dtype" in o:
+            self.tau_dtype = self.str_(o["tau_dtype"], "encoding.tau_dtype", TAU_DTYPES)
+            self.tau_itemsize = dtypes.by_name(self.tau_dtype).itemsize
+            if self.tau_dtype != "F32":  # a context codec reads τ_MTL as float32 (§5.1)
+                self.mask_codecs = self.mask_codecs - CONTEXT_CODECS
         self.str_(o["compute_dtype"], "encoding.compute_dtype", ("F32",))
         self.str_(o["bit_order"], "encoding.bit_order", ("little",))
         self.method(o["merge"], "encoding.merge", MERGE_METHODS, _MERGE_PARAMS)
@@ -598,18 +655,25 @@ class HeaderChecker:
         return Header(tasks, enc, tensors, self.metadata(o["metadata"]), version, files)
 
 
-def version_for(files: Files | None) -> tuple[int, int]:
-    """The version a writer gives an index: 1.0, or 1.1 when it holds files (an index holds no masks,
-    so one without files is unchanged for 1.0 readers). Headers: :func:`header_version`."""
+def version_for(files: Files | None, encoding: dict[str, Any] | None = None) -> tuple[int, int]:
+    """The version a writer gives an index: 1.0, 1.1 when it holds files (an index holds no masks,
+    so one without files is unchanged for 1.0 readers), 1.2 when its encoding has a ``tau_dtype``.
+    Headers: :func:`header_version`."""
+    if encoding is not None and "tau_dtype" in encoding:
+        return (MAJOR, TAU_DTYPE_MINOR)
     return (MAJOR, FILES_MINOR if files is not None else 0)
 
 
-def header_version(tensors: Sequence[TensorEntry]) -> tuple[int, int]:
-    """The version a writer gives a header with these rows: 1.1, or the newest minor it needs — 1.2 for a
-    ``tau-rans`` segment or a residual (a 1.1 reader would decode either wrongly, FORMAT.md §7) — so that
-    every other archive stays readable by 1.1 readers."""
-    used = {s.codec for t in tensors for s, _ in t.parts()}
-    need = [BASE_MINOR, *(minor_of(c) for c in used)]
+def header_version(encoding: dict[str, Any], tensors: Sequence[TensorEntry] = ()) -> tuple[int, int]:
+    """The version a writer gives a header: 1.1, or the newest minor it needs for a feature that a 1.1
+    reader would decode wrongly (FORMAT.md §7) — 1.2 for ``encoding.tau_dtype`` (a 1.1 reader ignores the
+    key of a newer minor and then refuses the τ segments' ``decoded_length``), a BASEREF (not a SEGMENT
+    to a 1.1 reader), a ``tau-rans`` segment (an unknown codec) or a residual (a gap in the layout)."""
+    need = [BASE_MINOR, *(minor_of(c) for c in {s.codec for t in tensors for s, _ in t.parts()})]
+    if "tau_dtype" in encoding:
+        need.append(TAU_DTYPE_MINOR)
+    if any(True for t in tensors for _ in t.base_refs()):
+        need.append(EXTERNAL_BASE_MINOR)
     if any(t.residuals for t in tensors):
         need.append(RESIDUAL_MINOR)
     return (MAJOR, max(need))
@@ -660,14 +724,14 @@ def segment_locations(header: Header) -> list[tuple[Location, Segment]]:
     for i, t in enumerate(header.tensors):
         for part in ("base", "tau", "data"):
             s = getattr(t, part)
-            if s is not None:
+            if isinstance(s, Segment):
                 out.append(((i, part, -1), s))
         out.extend(((i, "masks", j), s) for j, s in enumerate(t.masks))
         for j, r in enumerate(t.residuals):
             if r is not None:
                 out.append(((i, "residuals.positions", j), r.positions))
                 out.append(((i, "residuals.values", j), r.values))
-        if t.base_item is not None:
+        if t.base_item is not None and isinstance(t.base_item.data, Segment):
             out.append(((i, "base.data", -1), t.base_item.data))
         out.extend(((i, "tasks", j), it.data) for j, it in enumerate(t.task_items) if it is not None)
     return out

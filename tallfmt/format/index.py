@@ -17,13 +17,13 @@ from typing import Any
 import xxhash
 
 from tallfmt.errors import ChecksumError, FormatError, InputError, LimitError
-from tallfmt.format.files import FILES_MINOR, Files, check_files
-from tallfmt.format.header import (MAX_TASKS, MAX_TENSORS, PREAMBLE_SIZE, HeaderChecker, TaskEntry, load_json_object,
-                                   since_1_1)
+from tallfmt.format.files import Files, check_files
+from tallfmt.format.header import (MAX_TASKS, MAX_TENSORS, PREAMBLE_SIZE, TAU_DTYPE_MINOR, HeaderChecker, TaskEntry,
+                                   load_json_object, since_1_1)
 
 INDEX_NAME = "tall.index.json"
 INDEX_FORMAT = "tallfmt-index"
-INDEX_MAJOR, INDEX_MINOR = 1, FILES_MINOR  # the newest minor this reader knows (1.1: files)
+INDEX_MAJOR, INDEX_MINOR = 1, TAU_DTYPE_MINOR  # the newest minor this reader knows (1.1: files, 1.2: tau_dtype)
 MAX_SHARDS = 99_999                     # five digits in the shard file names
 MAX_INDEX_BYTES = 256 * 1024 * 1024
 MAX_FILE_NAME_BYTES = 255               # what common filesystems allow for one path component
@@ -156,6 +156,7 @@ class IndexChecker(HeaderChecker):
         if version[0] != INDEX_MAJOR:
             raise self.fail("version", f"major version {version[0]} is not supported (this reader reads "
                                        f"{INDEX_MAJOR})")
+        self.minor = version[1]
         enc = self.encoding(o["encoding"])
         tasks = self.tasks(o["tasks"], enc)
         th = self.obj(o["thresholds"], "thresholds", {"ties", "magnitude"})

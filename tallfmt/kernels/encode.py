@@ -8,6 +8,8 @@ Bits are those of the torch path (tallfmt.compute.maskmath, used on other device
 * ties: trimmed_t = τ_t if |τ_t| ≥ v_t else +0.0; s = sign(Σ_t trimmed_t) (float32, task order); kept_t =
   trimmed_t where sign(trimmed_t) == s (zeros "match" s = 0, as torch's ``sign() ==`` does); τ_MTL = Σ_t
   (kept_t or +0.0); mean divides by float32(number matched) clamped to ≥ 1.
+* tau_dtype BF16: τ_MTL is then rounded to bfloat16 (nearest even) and widened back; the masks, the
+  decoded values and the statistics below use that stored τ_MTL (FORMAT.md §4.2).
 * tall: bit = |τ_t| ≥ float32(λ_t) · |τ_MTL − τ_t|;  magnitude: bit = |τ_t| ≥ v_t.
 * statistics per task, float64, added element by element in element order into ``stats[t]`` =
   [Σ(θ̂−θ_t)², Σ τ_t², Σ (m∘τ_MTL)·τ_t, Σ (m∘τ_MTL)², Σ m], θ̂ exactly as ``decode_elem`` decodes it. The
@@ -39,8 +41,8 @@ from numba.extending import intrinsic
 from tallfmt.errors import InputError
 from tallfmt.format.dtypes import by_name
 from tallfmt.kernels.core import (BITS, DECODE_DTYPES, KIND_BF16, KIND_F16, KIND_F32, KINDS, RO_U8, U32, U64,
-                                  array_type, ctpop, decode_elem, f32_bits, kernel, packed_len,
-                                  store_u64, to_f32, vector)
+                                  array_type, bits_f32, ctpop, decode_elem, f32_bits, f32_to_bf16, kernel,
+                                  packed_len, store_u64, to_f32, vector)
 
 __all__ = ["mask_stats", "EncodeSpec", "TensorInputs", "EncodeOutputs", "encode_chunk", "hist_hi_chunk",
            "hist_lo_chunk", "hist_window_chunk", "describe_problems", "PROBLEM_INPUT", "PROBLEM_OVERFLOW", "PROBLEM_DECODE", "HI_BINS", "LO_BINS"]
@@ -136,7 +138,7 @@ def _add_terms2(stats: np.ndarray, o: Any, terms: np.ndarray, m: Any) -> None:
 
 # --- the fused encode kernel ---------------------------------------------------------------------
 @functools.cache
-def _encode_kernel(kind: int, ties: bool, mean: bool, tall: bool, zero_clears: bool) -> Any:
+def _encode_kernel(kind: int, ties: bool, mean: bool, tall: bool, zero_clears: bool, tau_bf16: bool) -> Any:
     """The encode kernel of one option combination. The options are closure constants, so every
     ``if`` on them folds at compile time (numba caches each closure under its constants)."""
     st = types.uint32 if kind == KIND_F32 else types.uint16
@@ -213,8 +215,11 @@ def _encode_kernel(kind: int, ties: bool, mean: bool, tall: bool, zero_clears: b
                         mtl[j] = mtl[j] / max(cnt[j], _f32(1.0))
             ovf = _u32(0)
             for j in range(m):
-                tau_out[s + _U(j)] = mtl[j]
                 ovf |= _nonfinite(mtl[j])
+                if tau_bf16:  # the stored τ_MTL, which everything below uses; one that rounds to ±inf overflows
+                    mtl[j] = bits_f32(_u32(f32_to_bf16(mtl[j])) << _u32(16))
+                    ovf |= _nonfinite(mtl[j])
+                tau_out[s + _U(j)] = mtl[j]
             problems[0] |= np.uint8(ovf * _u32(PROBLEM_OVERFLOW))
             # --- per task: mask bits and decoded values, then the statistics. The terms come from a loop
             # LLVM vectorises (element-wise IEEE products: the bits of scalar code); only the float64
@@ -429,7 +434,8 @@ class EncodeSpec:
     ``merge`` "task_arithmetic" or "ties" (with ``ties_thresholds`` v_t, one per task, and ``ties_agg``
     "sum" or "mean"); ``mask`` "tall" (``lambdas``, λ_t ≥ 0 as maskmath allows; the codec asks > 0) or
     "magnitude" (``mask_thresholds`` v_t; +inf keeps nothing). Parameters are rounded to float32 here,
-    once. ``zero_tau_clears_mask``: clear the mask bit wherever τ_MTL == 0 exactly (what the encoder of
+    once. ``tau_dtype`` "BF16": τ_MTL is rounded to bfloat16 before the masks (FORMAT.md §4.2); ``tau``
+    then holds the widened bfloat16 values. ``zero_tau_clears_mask``: clear the mask bit wherever τ_MTL == 0 exactly (what the encoder of
     format 1.1 does, FORMAT.md §4.3; off: the mask rule alone, as format 1.0 wrote).
 
         >>> EncodeSpec(lambdas=[0.4, 0.5]).num_tasks
@@ -443,6 +449,7 @@ class EncodeSpec:
     ties_thresholds: Sequence[float] | None = None
     ties_agg: str = "sum"
     zero_tau_clears_mask: bool = False
+    tau_dtype: str = "F32"
     _mparam: np.ndarray = field(init=False, repr=False)
     _trim: np.ndarray = field(init=False, repr=False)
 
@@ -453,6 +460,8 @@ class EncodeSpec:
             raise InputError(f"mask: expected 'tall' or 'magnitude', got {self.mask!r}")
         if self.ties_agg not in ("sum", "mean"):
             raise InputError(f"ties_agg: expected 'sum' or 'mean', got {self.ties_agg!r}")
+        if self.tau_dtype not in ("F32", "BF16"):
+            raise InputError(f"tau_dtype: expected 'F32' or 'BF16', got {self.tau_dtype!r}")
         if self.mask == "tall":
             if self.lambdas is None:
                 raise InputError("lambdas: the tall mask needs one λ per task")
@@ -482,7 +491,7 @@ class EncodeSpec:
 
     def _compiled(self, kind: int) -> Any:
         return _encode_kernel(kind, self.merge == "ties", self.ties_agg == "mean", self.mask == "tall",
-                              bool(self.zero_tau_clears_mask))
+                              bool(self.zero_tau_clears_mask), self.tau_dtype == "BF16")
 
 
 class TensorInputs:

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from tallfmt.errors import InputError, TallWarning
 from tallfmt.format.container import ContainerReader
-from tallfmt.format.header import Header, Item, TensorEntry
+from tallfmt.format.header import Header, Item, Segment, TensorEntry
 from tallfmt.format.index import ShardIndex
 from tallfmt.format.layout import open_layout
 from tallfmt.format.outputs import MAX_SHARD_SIZE, OVERWRITE, check_model_output, new_folder_removed_on_failure
@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 
     import torch
 
+    from tallfmt.read.base import ExternalBase
     from tallfmt.read.decoding import ArchiveTensors
     from tallfmt.read.serving import LoadResult, Switcher
 
@@ -56,7 +57,7 @@ class Archive:
 
     def __init__(self, path: str | os.PathLike, *, threads: int | None = None,
                  cache_bytes: int = DEFAULT_CACHE_BYTES, kernel: str = "auto", mmap: bool = False,
-                 max_tensor_bytes: int | None = None) -> None:
+                 max_tensor_bytes: int | None = None, base: Any = None) -> None:
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
             raise InputError(f"threads must be a positive integer, got {threads!r}")
         if max_tensor_bytes is not None and (isinstance(max_tensor_bytes, bool) or not isinstance(max_tensor_bytes, int)
@@ -73,6 +74,34 @@ class Archive:
         self._entries = {t.name: t for t in self.header.tensors}
         self._task_index = {t: i for i, t in enumerate(self.header.task_names)}
         self._tensors: ArchiveTensors | None = None
+        self.base: ExternalBase | None = None  # θ0 given by the reader (FORMAT.md §2.1)
+        if base is not None:
+            try:
+                self.base = self._open_base(base)
+            except BaseException:
+                self.layout.close()
+                raise
+
+    def _open_base(self, base: Any) -> ExternalBase:
+        if not self.header.external_base:
+            raise InputError(f"{self.path}: this archive stores θ0; base= is only for archives encoded with "
+                             f"store_base=False")
+        from tallfmt.read.base import ExternalBase
+
+        return ExternalBase(base, self.header, self.path)
+
+    @property
+    def external_base(self) -> bool:
+        """Whether θ0 is kept outside this archive (encoded with ``store_base=False``): decoding and
+        merging then need ``tallfmt.open(path, base=...)``; masks, τ_MTL and agreement do not."""
+        return self.header.external_base
+
+    def _need_theta0(self) -> None:
+        """Refuse, before anything is read or written, what needs θ0 when the archive lacks it."""
+        if self.header.external_base and self.base is None:
+            from tallfmt.read.base import no_base_error
+
+            raise no_base_error(self.path)
 
     # --- what is inside (header only) -----------------------------------------------------------
     @property
@@ -146,7 +175,7 @@ class Archive:
         parts = dict.fromkeys(("theta0", "tau", "masks", "residuals", "shared", "per_task"), 0)
         for e in self.header.tensors:
             if e.role == "masked":
-                parts["theta0"] += e.base.length
+                parts["theta0"] += e.base.length if isinstance(e.base, Segment) else 0  # BaseRef: not stored
                 parts["tau"] += e.tau.length
                 parts["masks"] += sum(m.length for m in e.masks)
                 parts["residuals"] += sum(r.positions.length + r.values.length for r in e.residuals if r is not None)
@@ -165,7 +194,7 @@ class Archive:
         if self._tensors is None:
             from tallfmt.read.decoding import ArchiveTensors
 
-            self._tensors = ArchiveTensors(self.layout, self.threads, self.cache, self.kernel)
+            self._tensors = ArchiveTensors(self.layout, self.threads, self.cache, self.kernel, self.base)
         return self._tensors
 
     def iter_decode(self, task: str, *, device: str | torch.device | None = None, residual: bool = True
@@ -173,6 +202,7 @@ class Archive:
         """Yield (name, tensor) of one task model, tensor by tensor (bounded memory: a few hundred MB
         decoded ahead, plus the cache). ``residual``: as :meth:`decode`."""
         i = self.task_index(task)
+        self._need_theta0()
         t = self.tensors
         dev = _device(device)
         res = _flag("residual", residual)
@@ -208,6 +238,7 @@ class Archive:
                       residual: bool = True) -> torch.Tensor:
         """One tensor of one task model (``residual``: as :meth:`decode`)."""
         i = self.task_index(task)
+        self._need_theta0()
         t = self.tensors.decode_entry(self.entry(name), i, _flag("residual", residual))
         if t is None:
             raise InputError(f"{self.path}: task {task!r} has no tensor {name!r}")
@@ -231,6 +262,7 @@ class Archive:
         """
         from tallfmt.read.serving import load_into
 
+        self._need_theta0()
         return load_into(self, target, task, prefix=prefix, name_map=name_map, strict=strict, cast=cast)
 
     def switcher(self, target: torch.nn.Module | Mapping[str, torch.Tensor], *, prefix: str = "",
@@ -247,6 +279,7 @@ class Archive:
         """
         from tallfmt.read.serving import Switcher
 
+        self._need_theta0()
         return Switcher(self, target, prefix=prefix, name_map=name_map, strict=strict,
                         kernel=kernel or self.kernel)
 
@@ -284,7 +317,9 @@ class Archive:
             >>> zoo.decode_to("sst2", "sst2-model/")                  # doctest: +SKIP
         """
         i = self.task_index(task)
-        return self._write_model(out, self.iter_decode(task, residual=residual), self.model_entries(i), lambda: self.files(task),
+        self._need_theta0()
+        return self._write_model(out, self.iter_decode(task, residual=residual), self.model_entries(i),
+                                 lambda: self.files(task),
                                  max_shard_size, metadata, overwrite)
 
     def _write_model(self, out: str | os.PathLike, tensors: Iterator[tuple[str, torch.Tensor]],
@@ -308,6 +343,7 @@ class Archive:
         from tallfmt.read.decoding import move
 
         dev = _device(device)
+        self._need_theta0()
         fn = self.tensors.merge_fn(method, params, dev or torch.device("cpu"))  # bad parameters fail before any warning
         policy = self._check_unmergeable(per_task)
         if policy == "drop":
@@ -390,6 +426,8 @@ class Archive:
 
     def close(self) -> None:
         self.cache.clear()
+        if self.base is not None:
+            self.base.close()
         self.layout.close()
 
     def __enter__(self) -> Archive:
@@ -433,7 +471,7 @@ def _unmergeable_text(left: dict[str, str], policy: str) -> str:
 
 
 def open(path: str | os.PathLike, *, threads: int | None = None, cache_bytes: int = DEFAULT_CACHE_BYTES,
-         kernel: str = "auto", mmap: bool = False, max_tensor_bytes: int | None = None
+         kernel: str = "auto", mmap: bool = False, max_tensor_bytes: int | None = None, base: Any = None
          ) -> Archive:  # noqa: A001 - like safe_open
     """Open a .tall archive (validates the header; tensors are read lazily).
 
@@ -458,8 +496,16 @@ def open(path: str | os.PathLike, *, threads: int | None = None, cache_bytes: in
 
         >>> with tallfmt.open("zoo.tall") as zoo:                # doctest: +SKIP
         ...     print(zoo.tasks)
+    ``base``: θ0 for an archive encoded with ``store_base=False`` (it keeps θ0's tensor table and a
+    checksum of each tensor, not their data; FORMAT.md §2.1): a .safetensors file, a folder, a
+    .bin/.pt file or a state dict. Every tensor the archive needs is checked on open — present, same
+    dtype, shape and XXH3-64 of its bytes — and InputError names the first that differs (tensors the
+    archive does not need are ignored); ``verify`` checks them again. Without it such an archive
+    still gives tasks, masks, τ_MTL and agreement; decode and merge refuse, naming the archive.
+
         >>> with tallfmt.open("zoo/") as zoo:                    # doctest: +SKIP
         ...     zoo.verify()
+        >>> zoo = tallfmt.open("small.tall", base="theta0.safetensors")  # doctest: +SKIP
     """
     return Archive(path, threads=threads, cache_bytes=cache_bytes, kernel=kernel, mmap=mmap,
-                   max_tensor_bytes=max_tensor_bytes)
+                   max_tensor_bytes=max_tensor_bytes, base=base)

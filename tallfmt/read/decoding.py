@@ -33,9 +33,10 @@ from tallfmt.errors import FormatError, InputError
 from tallfmt.format.codecs import BytePlaneZstdCodec, context_of, get_codec, zstd_decompress_into
 from tallfmt.format.container import ContainerReader
 from tallfmt.format.dtypes import by_name
-from tallfmt.format.header import Item, Segment, TensorEntry
+from tallfmt.format.header import BaseRef, Item, Segment, TensorEntry
 from tallfmt.format.layout import Layout
 from tallfmt.format.planes import merge_planes
+from tallfmt.read.base import ExternalBase, no_base_error
 from tallfmt.read.cache import SegmentCache
 from tallfmt.read.defaults import AHEAD_BYTES, KERNEL_STEP, SMALL_TENSOR, check_kernel
 from tallfmt.read.jobs import Jobs, done
@@ -71,6 +72,31 @@ def planes_or_flat(arr: np.ndarray, dtype: str) -> np.ndarray:
     return arr if arr.ndim == 2 else arr.view(by_name(dtype).storage)
 
 
+def widen_tau(arr: np.ndarray) -> np.ndarray:
+    """A decoded BF16 τ_MTL segment as float32 the way the kernels take it (FORMAT.md §4.4: the
+    bfloat16 bits b are the float32 bits b·2¹⁶, exact): byte planes (2, n) become float32 planes (4, n)
+    whose two low planes are zero; bytes become the float32 values' bytes."""
+    if arr.ndim == 2:
+        out = np.zeros((4, arr.shape[1]), dtype=np.uint8)
+        out[2:] = arr
+        return out
+    return (arr.view(np.uint16).astype(np.uint32) << 16).view(np.uint8)
+
+
+def _tau_reshaped(e: TensorEntry) -> bool:
+    """Whether τ_MTL's decoded segment is reshaped for the kernel (:func:`_tau_ready`)."""
+    return e.tau_dtype != "F32" or isinstance(e.base, BaseRef)
+
+
+def _tau_ready(e: TensorEntry, arr: np.ndarray) -> np.ndarray:
+    """τ_MTL's decoded segment as the CPU kernel takes it beside θ0: float32 (a BF16 τ widened,
+    :func:`widen_tau`), and as bytes rather than planes when θ0 comes from the reader's base (flat), so
+    the kernel does not merge the planes on every call."""
+    if arr.ndim == 2 and isinstance(e.base, BaseRef):
+        arr = merge_planes(arr).reshape(-1)
+    return widen_tau(arr) if e.tau_dtype == "BF16" else arr
+
+
 def flat(arr: np.ndarray, dtype: str) -> np.ndarray:
     """A decoded segment as ``dtype``'s storage (byte planes merged)."""
     return (merge_planes(arr) if arr.ndim == 2 else arr).view(by_name(dtype).storage)
@@ -79,8 +105,10 @@ def flat(arr: np.ndarray, dtype: str) -> np.ndarray:
 class ArchiveTensors:
     """Reads tensors of a layout (one file, or shards), each from the shard that holds it."""
 
-    def __init__(self, layout: Layout, threads: int, cache: SegmentCache | None = None, kernel: str = "auto") -> None:
+    def __init__(self, layout: Layout, threads: int, cache: SegmentCache | None = None, kernel: str = "auto",
+                 base: ExternalBase | None = None) -> None:
         self.layout, self.threads, self.kernel = layout, threads, check_kernel(kernel)
+        self.base = base  # θ0 given by the reader, for rows whose θ0 is a BaseRef (FORMAT.md §2.1)
         self.cache = cache if cache is not None else SegmentCache(0)
         self.header = layout.header
         self.tasks = layout.header.task_names
@@ -93,9 +121,17 @@ class ArchiveTensors:
     def resolve(self, e: TensorEntry) -> TensorEntry:
         return self.entries[e.target] if e.role == "alias" else e
 
-    def array(self, e: TensorEntry, seg: Segment, dtype: str) -> np.ndarray:
-        """Segment ``seg`` of tensor ``e``, read from the shard holding ``e``."""
+    def array(self, e: TensorEntry, seg: Segment | BaseRef, dtype: str) -> np.ndarray:
+        """Segment ``seg`` of tensor ``e``, read from the shard holding ``e`` (a BaseRef: from the base)."""
+        if isinstance(seg, BaseRef):
+            return self.external(e).view(by_name(dtype).storage)
         return self.shard(e).read_array(seg, dtype)
+
+    def external(self, e: TensorEntry) -> np.ndarray:
+        """θ0's bytes of ``e`` from the base the archive was opened with (checked then)."""
+        if self.base is None:
+            raise no_base_error(self.layout.path)
+        return self.base.bytes(e.name)
 
     def item_tensor(self, e: TensorEntry, item: Item) -> torch.Tensor:
         d = by_name(item.dtype)
@@ -134,7 +170,9 @@ class ArchiveTensors:
         """The array a segment decodes into and the jobs that fill it (checksum verified first).
 
         byteplane-zstd: an (itemsize, n) array of planes, one job per plane; raw: a view, no job;
-        any other codec: its decoded bytes, one job."""
+        any other codec: its decoded bytes, one job; a BaseRef: the base's bytes, no job."""
+        if isinstance(seg, BaseRef):
+            return self.external(e), []
         r = self.shard(e)
         r.check_budget(seg)
         codec = get_codec(seg.codec)
@@ -197,6 +235,53 @@ class ArchiveTensors:
         self.cache.put(key, arr)
         return arr
 
+    def tau_decoded(self, e: TensorEntry, jobs: Jobs) -> Future:
+        """A future of τ_MTL's decoded segment as the CPU kernel takes it beside θ0 (float32 planes or
+        bytes), cached as that (:meth:`_tau_ready`)."""
+        if not _tau_reshaped(e):
+            return self.decoded(e, e.tau, 4, jobs)
+        key = (*self._key(e, e.tau), "kernel")
+        hit = self.cache.get(key)
+        if hit is not None:
+            return done(hit)
+        raw = self.decoded(e, e.tau, by_name(e.tau_dtype).itemsize, jobs, keep=False)
+
+        def ready() -> np.ndarray:
+            w = _tau_ready(e, raw.result())
+            self.cache.put(key, w)
+            return w
+        return jobs.after([raw], ready)
+
+    def tau_now(self, e: TensorEntry) -> np.ndarray:
+        """:meth:`tau_decoded`, in this thread."""
+        if not _tau_reshaped(e):
+            return self.decoded_now(e, e.tau, 4)
+        key = (*self._key(e, e.tau), "kernel")
+        hit = self.cache.get(key)
+        if hit is None:
+            arr, work = self._plan(e, e.tau, by_name(e.tau_dtype).itemsize)
+            for w in work:
+                w()
+            hit = _tau_ready(e, arr)
+            self.cache.put(key, hit)
+        return hit
+
+    def tau_on_device(self, e: TensorEntry, device: torch.device | None, jobs: Jobs) -> Future:
+        """A future of τ_MTL as a flat float32 tensor on ``device``, cached there (:meth:`on_device`)."""
+        if e.tau_dtype == "F32":
+            return self.on_device(e, e.tau, "F32", device, jobs)
+        key = (*self._key(e, e.tau), "F32", str(device))
+        hit = self.cache.get(key)
+        if hit is not None:
+            return done(hit)
+        host = self.decoded(e, e.tau, 2, jobs, keep=False)
+
+        def move() -> torch.Tensor:
+            t = self.device_tensor(host.result(), e.tau_dtype, device).float()
+            self.cache.put(key, t)
+            return t
+        return jobs.after([host], move)
+
     def theta0(self, e: TensorEntry) -> np.ndarray:
         """θ0 of a masked tensor: its dtype's storage, flat."""
         return flat(self.decoded_now(e, e.base, by_name(e.dtype).itemsize), e.dtype)
@@ -206,7 +291,7 @@ class ArchiveTensors:
         return to_torch(self.theta0(e), by_name(e.dtype)).to(device)
 
     def tau(self, e: TensorEntry, device: torch.device | None = None) -> torch.Tensor:
-        t = torch.from_numpy(_writable(flat(self.decoded_now(e, e.tau, 4), "F32")))
+        t = torch.from_numpy(_writable(flat(self.tau_now(e), "F32")))
         return t.to(device) if device is not None else t
 
     def all_packed(self, e: TensorEntry) -> Iterator[np.ndarray]:
@@ -214,6 +299,7 @@ class ArchiveTensors:
         tau = self.tau_context(e) if any(self.needs_tau(e, i) for i in range(len(self.tasks))) else None
         for i in range(len(self.tasks)):
             yield self.packed(e, i, tau)
+
     def residual(self, e: TensorEntry, i: int) -> tuple[np.ndarray, np.ndarray] | None:
         """Task i's residual on masked tensor ``e``: (positions int64, values float32), checked (FORMAT.md
         §11), or None when it has none."""
@@ -248,7 +334,7 @@ class ArchiveTensors:
         if i is None:
             return to_torch(_writable(self.theta0(e)).reshape(e.shape), d)
         base = planes_or_flat(self.decoded_now(e, e.base, d.itemsize), e.dtype)
-        tau = planes_or_flat(self.decoded_now(e, e.tau, 4), "F32")
+        tau = planes_or_flat(self.tau_now(e), "F32")
         out = empty(e.shape, e.dtype)
         kernels.decode_into(base, tau, self.packed(e, i), storage_view(out), dtype=e.dtype, check_padding=False,
                             residual=self.residual(e, i) if residual else None)
@@ -269,8 +355,7 @@ class ArchiveTensors:
             mask = jobs.submit(self.packed, e, i)
         res = jobs.submit(self.residual, e, i) if residual and e.residual(i) is not None else done(None)
         if self.use_torch(device):
-            ins = [self.on_device(e, e.base, e.dtype, device, jobs), self.on_device(e, e.tau, "F32", device, jobs),
-                   mask, res]
+            ins = [self.on_device(e, e.base, e.dtype, device, jobs), self.tau_on_device(e, device, jobs), mask, res]
 
             def run_torch() -> torch.Tensor:
                 b, t, p, rv = (f.result() for f in ins)
@@ -283,7 +368,7 @@ class ArchiveTensors:
                 return r if out is None else out.copy_(r)
             return jobs.after(ins, run_torch)
         d = by_name(e.dtype)
-        ins = [self.decoded(e, e.base, d.itemsize, jobs), self.decoded(e, e.tau, 4, jobs), mask, res]
+        ins = [self.decoded(e, e.base, d.itemsize, jobs), self.tau_decoded(e, jobs), mask, res]
         return jobs.after(ins, lambda: self._kernel(jobs, e, *(f.result() for f in ins), device, out))
 
     def _kernel(self, jobs: Jobs, e: TensorEntry, base: np.ndarray, tau: np.ndarray, packed: np.ndarray,
@@ -379,6 +464,8 @@ class ArchiveTensors:
     def verify(self) -> None:
         for shard in self.layout.readers:  # each segment once: checksum, codec, BOOL bytes, mask padding
             shard.verify()
+        if self.base is not None:
+            self.base.verify()
 
 
 def _plane(r: ContainerReader, seg: Segment, frame: memoryview, out: np.ndarray, k: int) -> None:

@@ -330,7 +330,7 @@ class Switcher:
         n = e.numel
         theta0 = t.theta0(e)
         theta1 = np.empty_like(theta0)
-        tau = t.decoded_now(e, e.tau, 4)
+        tau = t.tau_now(e)
         kernels.decode_into(theta0, tau if tau.ndim == 2 else tau.view(np.float32), _ones_mask(n), theta1,
                             dtype=e.dtype, check_padding=False)
         packed = list(t.all_packed(e))

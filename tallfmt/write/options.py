@@ -12,7 +12,7 @@ from typing import Any
 
 from tallfmt.errors import InputError
 from tallfmt.format import codecs
-from tallfmt.format.header import MASK_METHODS, MAX_TASKS, MERGE_METHODS, fits_float32, name_refusal
+from tallfmt.format.header import MASK_METHODS, MAX_TASKS, MERGE_METHODS, TAU_DTYPES, fits_float32, name_refusal
 from tallfmt.format.jsonio import is_text
 
 #: Tensors stored per task (verbatim) when they differ, even if float: batch-norm statistics are not
@@ -67,6 +67,8 @@ class EncodeOptions:
     prefix_map: Mapping[str, str] | None = None   # rename θ0's tensors: a name starting with OLD gets NEW
     files: bool = True                      # store the non-weight files of folder inputs (FORMAT.md §10)
     residual: Any = None                    # residual budget, bits per masked parameter: one number or {task: number}
+    tau_dtype: str = "F32"                  # τ_MTL's stored dtype: F32 (lossless) or BF16 (FORMAT.md §4.2)
+    store_base: bool = True                 # False: θ0's bytes stay outside the archive (FORMAT.md §2.1)
     tasks: tuple[str, ...] = field(default=(), repr=False)  # filled by check()
 
     @classmethod
@@ -85,6 +87,12 @@ class EncodeOptions:
         _choice("mismatch", o.mismatch, MISMATCH)
         _choice("codec", o.codec, tuple(codecs.choices()))
         _choice("mask_codec", o.mask_codec, tuple(codecs.mask_choices()))
+        tau_dtype = cast_dtype(o.tau_dtype, "tau_dtype", TAU_DTYPES) or "F32"
+        if tau_dtype != "F32" and (codecs.context_of(codecs.choose_mask(o.mask_codec, o.codec)) == "tau"
+                                   or any(b > 0 for b in _residual(o.residual, names).values())):
+            # both read τ_MTL as float32 (FORMAT.md §5.1, §11); a 1.2 writer does not combine them
+            raise InputError(f"tau_dtype={tau_dtype!r} cannot be combined with mask_codec='tau-rans' or with residuals "
+                             f"(both are defined on a float32 τ_MTL)")
         if isinstance(o.chunk_size, bool) or not isinstance(o.chunk_size, int) or o.chunk_size < 8:
             raise InputError(f"chunk_size must be an integer >= 8, got {o.chunk_size!r}")
         meta = dict(o.metadata or {})
@@ -98,11 +106,17 @@ class EncodeOptions:
             raise InputError(f"per_task must be a sequence of name patterns (strings), got {o.per_task!r}")
         if not isinstance(o.files, bool):
             raise InputError(f"files must be True or False, got {o.files!r}")
+        if not isinstance(o.store_base, bool):
+            raise InputError(f"store_base must be True or False, got {o.store_base!r}")
+        if not o.store_base and (o.dtype is not None or o.prefix_map):
+            # a reader is then given θ0 as the user has it, and its checksums would not match
+            raise InputError("store_base=False keeps θ0 outside the archive, so θ0 must be stored as it is: it "
+                             "cannot be combined with dtype= or prefix_map=, which change θ0's tensors")
         return replace(o, tasks=names, ties_density=_fraction("ties_density", o.ties_density),
                        mask_density=_fraction("mask_density", o.mask_density),
                        lambdas=_lambdas(o.lambdas, names) if o.mask_method == "tall" else {},
                        device=_device(o.device), metadata=meta, per_task=tuple(o.per_task),
-                       chunk_size=o.chunk_size // 8 * 8, dtype=cast_dtype(o.dtype),
+                       chunk_size=o.chunk_size // 8 * 8, dtype=cast_dtype(o.dtype), tau_dtype=tau_dtype,
                        prefix_map=_prefix_map(o.prefix_map), residual=_residual(o.residual, names))
 
     @property
@@ -142,6 +156,8 @@ class EncodeOptions:
             encoding["merge"].update(density=self.ties_density, agg=self.ties_agg, scope=self.ties_scope)
         if self.mask_method == "magnitude":
             encoding["mask"].update(density=self.mask_density, scope=self.mask_scope)
+        if self.tau_dtype != "F32":  # absent for F32: such an archive stays version 1.1
+            encoding["tau_dtype"] = self.tau_dtype
         return encoding
 
 
@@ -221,18 +237,19 @@ def _device(device: Any) -> str:
     return str(check_device(device))
 
 
-def cast_dtype(dtype: Any) -> str | None:
-    """``dtype=`` as a safetensors dtype name (F32, F16, BF16), or None (keep every input's own).
+def cast_dtype(dtype: Any, what: str = "dtype", choices: tuple[str, ...] = CAST_DTYPES) -> str | None:
+    """``dtype=`` (or ``tau_dtype=``, ``what``) as a safetensors dtype name among ``choices``, or None
+    (keep every input's own).
 
-        >>> cast_dtype("bf16"), cast_dtype("float16"), cast_dtype(None)
-        ('BF16', 'F16', None)
+        >>> cast_dtype("bf16"), cast_dtype("float16"), cast_dtype(None), cast_dtype("bf16", "tau_dtype", TAU_DTYPES)
+        ('BF16', 'F16', None, 'BF16')
     """
     if dtype is None:
         return None
     name = dtype.upper() if isinstance(dtype, str) else str(dtype).removeprefix("torch.").upper()
     name = _DTYPE_ALIASES.get(name, name)
-    if name not in CAST_DTYPES:
-        raise InputError(f"dtype must be one of {list(CAST_DTYPES)} (or bf16, fp16, float32, ...), got {dtype!r}")
+    if name not in choices:
+        raise InputError(f"{what} must be one of {list(choices)} (or bf16, fp16, float32, ...), got {dtype!r}")
     return name
 
 

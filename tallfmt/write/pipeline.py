@@ -54,6 +54,7 @@ def encode(base: Any, tasks: Mapping[str, Any], path: str | os.PathLike, *, merg
            chunk_size: int = DEFAULTS.chunk_size, dtype: str | None = DEFAULTS.dtype,
            prefix_map: Mapping[str, str] | None = DEFAULTS.prefix_map, files: bool = DEFAULTS.files,
            residual: float | Mapping[str, float] | None = DEFAULTS.residual,
+           tau_dtype: str = DEFAULTS.tau_dtype, store_base: bool = DEFAULTS.store_base,
            overwrite: bool = OVERWRITE, progress: ProgressFn | None = None,
            shards: int | None = None, max_shard_size: int | None = None, scheduler: Any = None,
            retries: int = 3, threads: int | None = None) -> EncodeReport:
@@ -72,8 +73,12 @@ def encode(base: Any, tasks: Mapping[str, Any], path: str | os.PathLike, *, merg
     one) to match the fine-tunes'. ``codec``: the segments' codec ("auto": byteplane-zstd for floats,
     zstd for masks); ``mask_codec``: the masks' ("auto": as ``codec``; "tau-rans" codes each mask
     from τ_MTL's magnitudes and its own previous bits, about 20 % smaller than zstd on real zoos
-    but slower to decode, and makes the archive version 1.2, FORMAT.md §5.1). ``files``: store the non-weight files of folder inputs (config,
-    tokenizer, model card: FORMAT.md §10), which decode_to and merge_to write back.
+    but slower to decode, and makes the archive version 1.2, FORMAT.md §5.1). ``files``: store the
+    non-weight files of folder inputs (config, tokenizer, model card: FORMAT.md §10), which decode_to
+    and merge_to write back. ``tau_dtype`` "BF16" stores τ_MTL in bfloat16 (half its size, lossy; the
+    masks are computed from the rounded τ_MTL, FORMAT.md §4.2); the default "F32" is lossless.
+    ``store_base=False`` keeps θ0 outside the archive (its tensor table and a checksum of each tensor
+    stay, FORMAT.md §2.1): a reader then needs θ0 itself, ``tallfmt.open(path, base=...)``.
     ``progress(advance, total)`` is told the input bytes processed. ``threads``: at most this many
     tensors are encoded and compressed at once (default: one per core; the threads block, never spin,
     so the default suits a busy machine too; 1 runs everything in the calling thread). An existing
@@ -103,7 +108,8 @@ def encode(base: Any, tasks: Mapping[str, Any], path: str | os.PathLike, *, merg
                                ties_agg=ties_agg, ties_scope=ties_scope, mask_method=mask_method,
                                mask_density=mask_density, mask_scope=mask_scope, codec=codec, mask_codec=mask_codec, device=device,
                                mismatch=mismatch, per_task=per_task, metadata=metadata, chunk_size=chunk_size,
-                               dtype=dtype, prefix_map=prefix_map, files=files, residual=residual)
+                               dtype=dtype, prefix_map=prefix_map, files=files, residual=residual,
+                               tau_dtype=tau_dtype, store_base=store_base)
     sharded = shards is not None or max_shard_size is not None or scheduler is not None
     if shards is not None and max_shard_size is not None:
         raise InputError("pass shards= or max_shard_size=, not both")
@@ -226,7 +232,7 @@ def _drive(runner: Runner, base_src: Any, task_srcs: tuple[tuple[str, Any], ...]
     where = {p.name: n for n, j in zip(names, jobs) for p in j.plans}
     index = ShardIndex(task_entries, opts.encoding(), index_thresholds, dict(opts.metadata),
                        tuple(ShardInfo(n, r.size, r.header_xxh3) for n, r in zip(names, results)),
-                       {p.name: where[p.name] for p in plans}, version_for(files), files)
+                       {p.name: where[p.name] for p in plans}, version_for(files, opts.encoding()), files)
     raw = index.to_bytes()
     write_atomic(out / INDEX_NAME, raw)  # the commit: readers now find the new archive
     _remove_shards(out, keep=set(names))

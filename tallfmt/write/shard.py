@@ -140,7 +140,8 @@ def encode_shard(job: ShardJob, thresholds: dict[str, torch.Tensor | None], path
                 progress(inputs.tensor_bytes(prep.plan.name))
         tasks = tuple(TaskEntry(t, opts.lambdas.get(t), enc.stats[i].result()) for i, t in enumerate(opts.tasks))
         name = None if number is None else (lambda h: shard_name(*number, h))
-        final = writer.finish(Header(tasks, opts.encoding(), tuple(entries), dict(opts.metadata),
-                                     header_version(entries), job.files), name)
+        encoding = opts.encoding()
+        final = writer.finish(Header(tasks, encoding, tuple(entries), dict(opts.metadata),
+                                     header_version(encoding, entries), job.files), name)
     return ShardResult(str(final), final.stat().st_size, read_header_xxh3(final), enc.stats,
                        RoleSummary.of(entries))

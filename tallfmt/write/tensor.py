@@ -24,7 +24,7 @@ from tallfmt.errors import InputError
 from tallfmt.format import codecs
 from tallfmt.format.container import ContainerWriter
 from tallfmt.format.dtypes import by_name
-from tallfmt.format.header import Item, Residual, TensorEntry
+from tallfmt.format.header import BaseRef, Item, Residual, TensorEntry, checksum
 from tallfmt.write.inputs import Inputs, flat
 from tallfmt.write.options import EncodeOptions
 from tallfmt.write.plan import TensorPlan
@@ -56,7 +56,7 @@ class Prepared:
 
     plan: TensorPlan
     items: list[tuple[str, tuple[int, ...]] | None] = field(default_factory=list)  # per_task: base, then tasks
-    stored: list[tuple[list, int, str]] = field(default_factory=list)              # (parts, decoded length, codec)
+    stored: list[tuple[list, int, str] | BaseRef] = field(default_factory=list)    # (parts, decoded length, codec)
     stats: np.ndarray | None = None                                                # masked: float64 [T, 5]
     residuals: list[tuple[int, str] | None] = field(default_factory=list)         # masked: per task (count, dtype)
     residual_sums: list[tuple[float, int]] = field(default_factory=list)           # per task (ΔΣ err², entries)
@@ -107,7 +107,11 @@ class TensorEncoder:
             at = nonfinite_at(raw, dt)
             if at is not None:
                 raise InputError(f"{ck.source}: tensor {name!r} holds NaN or Inf values (first at element {at})")
-        self._store(out, raw, by_name(dt).itemsize)
+        if ck is self.inputs.base and not self.opts.store_base:  # θ0 stays outside: its length and checksum
+            view = codecs.as_bytes(raw)
+            out.stored.append(BaseRef(len(view), checksum(view)))
+        else:
+            self._store(out, raw, by_name(dt).itemsize)
         return dt, tuple(shape)
 
     def masked_math(self, p: TensorPlan) -> tuple[np.ndarray, Sequence[np.ndarray], np.ndarray]:
@@ -124,9 +128,12 @@ class TensorEncoder:
 
     def _masked(self, out: Prepared, p: TensorPlan) -> None:
         tau, masks, stats = self.masked_math(p)
-        self._store(out, tau, 4)
+        if self.opts.tau_dtype == "BF16":  # already rounded: the top 16 bits are the bfloat16 (FORMAT.md §4.2)
+            self._store(out, (tau.view(np.uint32) >> 16).astype(np.uint16), 2)
+        else:
+            self._store(out, tau, 4)
         mask_codec = codecs.choose_mask(self.opts.mask_codec, self.opts.codec)
-        context = tau if codecs.context_of(mask_codec) == "tau" else None  # τ_MTL exactly as stored
+        context = tau if codecs.context_of(mask_codec) == "tau" else None  # τ_MTL exactly as stored (F32)
         for m in masks:
             self._store(out, m, 1, mask_codec, context)
         out.stats = stats
@@ -146,7 +153,7 @@ class TensorEncoder:
         """τ_MTL, masks [T, ⌈n/8⌉] and statistics [T, 5] in one numba pass per chunk."""
         o, n = self.opts, p.numel
         spec = kernels.EncodeSpec(
-            merge=o.merge, mask=o.mask_method, ties_agg=o.ties_agg, zero_tau_clears_mask=True,
+            merge=o.merge, mask=o.mask_method, ties_agg=o.ties_agg, zero_tau_clears_mask=True, tau_dtype=o.tau_dtype,
             lambdas=self.lambdas if o.mask_method == "tall" else None,
             mask_thresholds=mag_thr.tolist() if mag_thr is not None else None,
             ties_thresholds=ties_thr.tolist() if ties_thr is not None else None)
@@ -179,6 +186,9 @@ class TensorEncoder:
             else:
                 tau_mtl = maskmath.task_arithmetic(taus)
             self._check_overflow(p.name, taus, tau_mtl)
+            if o.tau_dtype == "BF16":  # the stored τ_MTL, which the masks and the decode use
+                tau_mtl = tau_mtl.to(torch.bfloat16).float()
+                self._check_overflow(p.name, [], tau_mtl)
             decoded = (theta0 + tau_mtl).to(torch_dtype(p.dtype))
             for t in range(len(flats)):
                 if o.mask_method == "tall":
@@ -217,7 +227,7 @@ class TensorEncoder:
     def write(self, writer: ContainerWriter, prep: Prepared) -> TensorEntry:
         """Append a prepared tensor's segments; returns its row. Statistics are added here, in table order."""
         p = prep.plan
-        segs = [writer.write_stored(data, length, codec) for data, length, codec in prep.stored]
+        segs = [s if isinstance(s, BaseRef) else writer.write_stored(*s) for s in prep.stored]
         if p.role == "alias":
             return TensorEntry(p.name, "alias", target=p.target)
         if p.role == "per_task":
