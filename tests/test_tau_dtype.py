@@ -13,6 +13,7 @@ from click.testing import CliRunner
 from safetensors.torch import save_file
 
 import _tallcraft as tc
+import test_residual as residual_tests
 import tallfmt
 from tallfmt.cli import cli
 from tallfmt.write import thresholds
@@ -202,20 +203,34 @@ def test_cli_tau_dtype(tmp_path):
     assert bad.exit_code != 0 and "--tau-dtype" in bad.output
 
 
-@pytest.mark.parametrize("other", [{"mask_codec": "tau-rans"}, {"residual": 1.0}, {"residual": {"t0": 0.5}}])
-def test_bf16_tau_with_tau_rans_or_residuals_is_refused_before_writing(tmp_path, other):
+
+def test_bf16_tau_with_tau_rans_masks_decodes_as_with_zstd_masks(tmp_path):
+    """tau-rans reads a BF16 τ_MTL widened to float32 (FORMAT.md §5.1): same masks as zstd's, read back."""
     base, tasks = _zoo()
-    with pytest.raises(tallfmt.InputError, match="float32 τ_MTL"):
-        tallfmt.encode(base, tasks, tmp_path / "z.tall", tau_dtype="BF16", **other)
-    assert not (tmp_path / "z.tall").exists()
-    tallfmt.encode(base, tasks, tmp_path / "z.tall", tau_dtype="BF16", residual={t: 0.0 for t in tasks})
+    plain = tallfmt.encode(base, tasks, tmp_path / "zstd.tall", tau_dtype="BF16").path
+    rans = tallfmt.encode(base, tasks, tmp_path / "rans.tall", tau_dtype="BF16", mask_codec="tau-rans").path
+    with tallfmt.open(plain) as a, tallfmt.open(rans) as b:
+        b.verify()
+        assert b.header.version == (1, 2)
+        assert any(m.codec == "tau-rans" for e in b.header.tensors for m in e.masks)
+        for t in a.tasks:
+            da, db = a.decode(t), b.decode(t)
+            assert da.keys() == db.keys() and all(torch.equal(da[k], db[k]) for k in da), t
+        masked = [k for k, r in a.roles.items() if r == "masked"]
+        assert all(torch.equal(a.mask(t, k), b.mask(t, k)) for t in a.tasks for k in masked)
+        assert torch.equal(torch.as_tensor(a.agreement()), torch.as_tensor(b.agreement()))
 
 
-def test_reader_refuses_tau_rans_masks_beside_a_bf16_tau(tmp_path):
-    p = _bf16_archive(tmp_path)
-
-    def to_tau_rans(h):
-        h["tensors"][0]["masks"][0]["codec"] = "tau-rans"
-    tc.rewrite_header(p, to_tau_rans)
-    with pytest.raises(tallfmt.FormatError, match=r"masks\[0\]\.codec"):
-        tallfmt.open(p)
+def test_bf16_tau_with_residuals_follows_the_formula(tmp_path, monkeypatch):
+    """A residual on a BF16 τ_MTL: FORMAT.md §11 with τ_MTL widened; both encode paths write the same bytes."""
+    base, tasks = _zoo()
+    budgets = {"t0": 4.0, "t1": 1.0}
+    p = tallfmt.encode(base, tasks, tmp_path / "r.tall", tau_dtype="BF16", residual=budgets).path
+    monkeypatch.setattr(thresholds, "fused_on", lambda device: False)
+    q = tallfmt.encode(base, tasks, tmp_path / "q.tall", tau_dtype="BF16", residual=budgets).path
+    assert p.read_bytes() == q.read_bytes()
+    with tallfmt.open(p) as zoo:
+        zoo.verify()
+        assert zoo.residual_info("t0")["entries"] > 0
+        residual_tests.check_decodes(zoo, base)   # FORMAT.md §11 computed in numpy from the stored bytes
+        residual_tests.check_selection(zoo, base, tasks, budgets)

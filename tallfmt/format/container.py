@@ -234,7 +234,9 @@ class ContainerReader:
                 data = self.read(seg, _ITEMSIZE.get(kind, 1), context=context)
                 check_values(data, kind, t.numel, lambda: f"{self.path}: {self._locate(seg)}")
                 if seg is t.tau and any(context_of(m.codec) == "tau" for m in t.masks):
-                    tau = np.frombuffer(data, dtype=np.float32)
+                    tau = np.frombuffer(data, dtype=np.float32 if t.tau_dtype == "F32" else np.uint16)
+                    if t.tau_dtype != "F32":  # BF16: the float32 context is the bits · 2¹⁶, exact (§5.1)
+                        tau = (tau.astype(np.uint32) << 16).view(np.float32)
             for r in t.residuals:
                 if r is not None:
                     self.residual(t, r)

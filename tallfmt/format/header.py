@@ -460,9 +460,6 @@ class HeaderChecker:
         if minor_of(seg.codec) > self.minor:
             raise self.fail(f"{where}.codec", f"codec {seg.codec!r} is from version {MAJOR}.{minor_of(seg.codec)}; "
                                               f"this file says {MAJOR}.{self.minor}")
-        if mask and seg.codec in CONTEXT_CODECS and seg.codec not in self.mask_codecs:
-            raise self.fail(f"{where}.codec", f"codec {seg.codec!r} reads a float32 τ_MTL; this archive's is "
-                                              f"{self.tau_dtype} (encoding.tau_dtype)")
         if len(seg.xxh3) != 16 or not _HEX.issuperset(seg.xxh3):
             raise self.fail(f"{where}.xxh3", "expected 16 lowercase hex digits")
         if seg.decoded_length != decoded_length:
@@ -583,8 +580,6 @@ class HeaderChecker:
         if "tau_dtype" in optional and "tau_dtype" in o:
             self.tau_dtype = self.str_(o["tau_dtype"], "encoding.tau_dtype", TAU_DTYPES)
             self.tau_itemsize = dtypes.by_name(self.tau_dtype).itemsize
-            if self.tau_dtype != "F32":  # a context codec reads τ_MTL as float32 (§5.1)
-                self.mask_codecs = self.mask_codecs - CONTEXT_CODECS
         self.str_(o["compute_dtype"], "encoding.compute_dtype", ("F32",))
         self.str_(o["bit_order"], "encoding.bit_order", ("little",))
         self.method(o["merge"], "encoding.merge", MERGE_METHODS, _MERGE_PARAMS)

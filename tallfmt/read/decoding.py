@@ -144,7 +144,7 @@ class ArchiveTensors:
     def tau_context(self, e: TensorEntry, decoded: np.ndarray | None = None) -> np.ndarray:
         """τ_MTL of ``e`` as the context of its masks: its decoded segment (``decoded``, or through the
         cache) as byte planes (4 × n uint8, which the codec reads without merging) or float32 elements."""
-        arr = decoded if decoded is not None else self.decoded_now(e, e.tau, 4)
+        arr = decoded if decoded is not None else self.tau_now(e)  # a BF16 τ_MTL widened (exact)
         return arr if arr.ndim == 2 else arr.view(np.float32)
 
     def packed(self, e: TensorEntry, i: int, tau: np.ndarray | None = None) -> np.ndarray:
@@ -349,7 +349,7 @@ class ArchiveTensors:
         if e.role != "masked" or (e.numel < SMALL_TENSOR and out is None and not self.use_torch(device)):
             return jobs.submit(lambda: move(self.decode_entry(e, i, residual), device))  # one job: less overhead
         if self.needs_tau(e, i) and not self.use_torch(device):  # the mask waits for τ_MTL, decoded once
-            tau_f = self.decoded(e, e.tau, 4, jobs)
+            tau_f = self.tau_decoded(e, jobs)
             mask = jobs.after([tau_f], lambda: self.packed(e, i, self.tau_context(e, tau_f.result())))
         else:
             mask = jobs.submit(self.packed, e, i)

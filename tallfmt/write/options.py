@@ -88,11 +88,6 @@ class EncodeOptions:
         _choice("codec", o.codec, tuple(codecs.choices()))
         _choice("mask_codec", o.mask_codec, tuple(codecs.mask_choices()))
         tau_dtype = cast_dtype(o.tau_dtype, "tau_dtype", TAU_DTYPES) or "F32"
-        if tau_dtype != "F32" and (codecs.context_of(codecs.choose_mask(o.mask_codec, o.codec)) == "tau"
-                                   or any(b > 0 for b in _residual(o.residual, names).values())):
-            # both read τ_MTL as float32 (FORMAT.md §5.1, §11); a 1.2 writer does not combine them
-            raise InputError(f"tau_dtype={tau_dtype!r} cannot be combined with mask_codec='tau-rans' or with residuals "
-                             f"(both are defined on a float32 τ_MTL)")
         if isinstance(o.chunk_size, bool) or not isinstance(o.chunk_size, int) or o.chunk_size < 8:
             raise InputError(f"chunk_size must be an integer >= 8, got {o.chunk_size!r}")
         meta = dict(o.metadata or {})
