@@ -5,8 +5,8 @@
 
 Encodes the zoo of ``bench.zoo.build`` (θ0 = all-MiniLM-L6-v2, every built task; TALL masks, task
 arithmetic, codec auto, λ per task as selected on validation for this zoo — the λ of the "Residual
-study" section of bench/RESULTS.md) four ways: the default (lossless), ``tau_dtype="BF16"``,
-``store_base=False`` and both. Per archive: stored bytes per part (``Archive.sizes``) as bits per
+study" section of bench/RESULTS.md) seven ways: the default (lossless), ``tau_dtype="BF16"``,
+``store_base=False``, both, and the first, second and fourth again with ``mask_codec="tau-rans"``. Per archive: stored bytes per part (``Archive.sizes``) as bits per
 parameter, the ratio to the paper's formula (64+T)·P' + 32·F bits, encode time and the time to open and
 decode every task (the fastest of ``--repeats`` interleaved runs; ratios against the default, measured in
 the same run). External-base decodes must
@@ -54,7 +54,9 @@ LAMBDAS = {"sms_spam": 0.4, "trec_coarse": 0.4, "trec_fine": 0.2, "bbc_news": 0.
            "warriner_arousal": 0.2, "trec_entity": 0.2, "vader_intensity": 0.5, "tweet_intensity": 0.2,
            "vader_movies_negated": 0.3, "trec_coarse_shifted": 0.2}
 CONFIGS = {"default": {}, "bf16_tau": {"tau_dtype": "BF16"}, "external_base": {"store_base": False},
-           "both": {"tau_dtype": "BF16", "store_base": False}}
+           "both": {"tau_dtype": "BF16", "store_base": False}, "tau_rans": {"mask_codec": "tau-rans"},
+           "bf16_tau_rans": {"tau_dtype": "BF16", "mask_codec": "tau-rans"},
+           "all": {"tau_dtype": "BF16", "mask_codec": "tau-rans", "store_base": False}}
 PARTS = ("theta0", "tau", "masks", "shared", "per_task", "header", "padding")
 
 
@@ -92,8 +94,10 @@ def measure(ev: ZooEvaluator, out: Path, tasks: list[str], repeats: int = 3) -> 
         print(f"{name}: {sizes['total']:,} bytes, encode {enc:.2f} s, open + decode {len(tasks)} tasks {dec:.2f} s",
               flush=True)
     res["external_equal"] = {"default": digests["external_base"] == digests["default"],
-                             "bf16_tau": digests["both"] == digests["bf16_tau"]}
-    assert all(res["external_equal"].values()), "an external-base decode differs from the stored-base one"
+                             "bf16_tau": digests["both"] == digests["bf16_tau"],
+                             "tau_rans": digests["tau_rans"] == digests["default"],
+                             "bf16_tau_rans": digests["bf16_tau_rans"] == digests["bf16_tau"] == digests["all"]}
+    assert all(res["external_equal"].values()), "an external-base or tau-rans decode differs from its reference"
     res["accuracy"] = accuracies(ev, out, tasks)
     return res
 
@@ -171,10 +175,18 @@ def render(res: dict[str, Any], command: str, date: str, seconds: float) -> str:
     lines += ["", f"Issue 14's targets on this zoo: BF16 τ_MTL ≤ 0.5× the formula — {ratio['bf16_tau']:.3f}× "
                   f"({'met' if ratio['bf16_tau'] <= 0.5 else 'not met'}; the masks are what is left to shrink, "
                   f"another part of the issue); external base + BF16 τ_MTL ≤ 0.25× (base not counted) — "
-                  f"{ratio['both']:.3f}× ({'met' if ratio['both'] <= 0.25 else 'not met'})."]
+                  f"{ratio['both']:.3f}× ({'met' if ratio['both'] <= 0.25 else 'not met'}). With the lossless "
+                  f"`tau-rans` mask codec (opt-in; masks decode slower, bench/RESULTS.md \"Mask codec\"): lossless "
+                  f"{ratio['tau_rans']:.3f}× (target for a new lossless default ≤ 0.6×: "
+                  f"{'met' if ratio['tau_rans'] <= 0.6 else 'not met'}), BF16 τ_MTL {ratio['bf16_tau_rans']:.3f}× "
+                  f"({'met' if ratio['bf16_tau_rans'] <= 0.5 else 'not met'} against ≤ 0.5×), all three "
+                  f"{ratio['all']:.3f}×."]
     eq = res["external_equal"]
     lines += ["", f"External-base decodes equal the stored-base ones bit for bit (every tensor of every task, by "
-                  f"XXH3-64): F32 τ {'yes' if eq['default'] else 'NO'}, BF16 τ {'yes' if eq['bf16_tau'] else 'NO'}. "
+                  f"XXH3-64): F32 τ {'yes' if eq['default'] else 'NO'}, BF16 τ {'yes' if eq['bf16_tau'] else 'NO'}; "
+                  f"so do the `tau-rans` archives' decodes the zstd-mask ones (F32 τ "
+                  f"{'yes' if eq['tau_rans'] else 'NO'}, BF16 τ {'yes' if eq['bf16_tau_rans'] else 'NO'}), whose "
+                  "accuracy is therefore that of the same τ below. "
                   "The external-base decode time includes checking θ0's checksums on open.", "",
               "### Accuracy of TALL decode with a BF16 τ_MTL (test split)", "",
               "Normalized accuracy = acc / acc_fine-tuned (paper eq. 10). *BF16 τ + F32 masks*: the masks of the "
