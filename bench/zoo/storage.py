@@ -30,11 +30,8 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP waits hurt on 2 shared cores
 
-import argparse
-import datetime
 import json
 import platform
-import shlex
 import time
 from typing import Any
 
@@ -42,7 +39,7 @@ import torch
 import xxhash
 
 import tallfmt
-from bench.zoo.evaluate import replace_section
+from bench.zoo import sections
 from bench.zoo.evaluate_lib import ZooEvaluator
 from tallfmt.summary import summary
 
@@ -212,27 +209,8 @@ def render(res: dict[str, Any], command: str, date: str, seconds: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--zoo", default=None, help="the zoo folder (default: the built one)")
-    ap.add_argument("--out", default="bench/_out/zoo_storage", help="archives and results.json")
-    ap.add_argument("--no-results", action="store_true", help="do not write bench/RESULTS.md")
-    ap.add_argument("--repeats", type=int, default=3, help="timed runs of each encode and decode (the fastest counts)")
-    args = ap.parse_args(argv)
-    command = ".venv/bin/python -m bench.zoo.storage" + "".join(f" {shlex.quote(a)}" for a in (argv or sys.argv[1:]))
-    torch.set_num_threads(2)
-    ev = ZooEvaluator(args.zoo)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    res = measure(ev, out, list(ev.tasks), args.repeats)
-    res["zoo"] = str(ev.dir)
-    seconds = time.perf_counter() - t0
-    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    (out / "results.json").write_text(json.dumps(res, indent=2) + "\n")
-    section = render(res, command, date, seconds)
-    print(section)
-    if not args.no_results:
-        replace_section(Path(__file__).resolve().parents[1] / "RESULTS.md", section, SECTION)
+    sections.run("bench.zoo.storage", __doc__, SECTION, "bench/_out/zoo_storage", lambda ev, out, tasks, a: measure(ev, out, tasks, a.repeats), render, argv, lambda ap: ap.add_argument("--repeats", type=int, default=3,
+                                          help="timed runs of each encode and decode (the fastest counts)"))
 
 
 if __name__ == "__main__":
